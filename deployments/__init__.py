@@ -1,0 +1,1 @@
+"""Ray Serve deployments: the graph is Ingress -> ImageLoader -> Detector -> Postprocess."""

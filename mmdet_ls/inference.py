@@ -1,0 +1,113 @@
+"""Batched MMDetection inference: one model call per batch of images."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from .failures import TaskFailure
+from .model_files import ModelFileError, safe_checkpoint_loading, select_device
+from .regions import Detections
+
+logger = logging.getLogger(__name__)
+
+
+class BatchDetector:
+    """An MMDetection model plus its test pipeline.
+
+    `mmdet.apis.inference_detector` runs a list one image at a time; here the
+    pipeline runs per image, the results are collated, and the model is called
+    once per batch (`model.test_step`). Boxes come back rescaled to each
+    image's original size.
+    """
+
+    def __init__(self, config_file: str, checkpoint_file: str, device: str = "cpu"):
+        import torch
+        from mmcv.transforms import Compose
+        from mmdet.apis import init_detector
+        from mmdet.utils import get_test_pipeline_cfg
+
+        self.device = select_device(device)
+        self._torch = torch
+        try:
+            with safe_checkpoint_loading():
+                self.model = init_detector(config_file, checkpoint_file, device=self.device)
+        except Exception as exc:
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                raise ModelFileError(
+                    f"checkpoint {checkpoint_file} holds objects outside the safe allowlist, so it was "
+                    f"not unpickled ({str(exc).splitlines()[0]}); re-save it with only its state_dict "
+                    "and meta, or use a checkpoint you trust from the model zoo"
+                ) from None
+            raise
+        classes = (self.model.dataset_meta or {}).get("classes")
+        if not classes:
+            raise ModelFileError(
+                f"checkpoint {checkpoint_file} carries no class names (meta.dataset_meta.classes); "
+                "save it with its dataset_meta"
+            )
+        self.class_names = [str(c) for c in classes]
+        pipeline_cfg = get_test_pipeline_cfg(self.model.cfg.copy())
+        pipeline_cfg[0].type = "mmdet.LoadImageFromNDArray"
+        self.pipeline = Compose(pipeline_cfg)
+
+    def _prepare(self, bgr: np.ndarray, index: int) -> dict:
+        return self.pipeline(dict(img=bgr, img_id=index))
+
+    def _run(self, prepared: list[dict]) -> list:
+        batch = {
+            "inputs": [p["inputs"] for p in prepared],
+            "data_samples": [p["data_samples"] for p in prepared],
+        }
+        with self._torch.no_grad():
+            return self.model.test_step(batch)
+
+    def _to_detections(self, sample, width: int, height: int, batch_size: int, seconds: float) -> Detections:
+        inst = sample.pred_instances
+        labels = inst.labels.cpu().numpy().astype(int)
+        return Detections(
+            boxes=inst.bboxes.cpu().numpy().astype(np.float32).reshape(-1, 4),
+            scores=inst.scores.cpu().numpy().astype(np.float32).reshape(-1),
+            class_names=[self.class_names[i] if 0 <= i < len(self.class_names) else str(i) for i in labels],
+            width=width,
+            height=height,
+            batch_size=batch_size,
+            timings={"model_s": seconds},
+        )
+
+    def detect(self, images: list[np.ndarray], stacked: bool = True) -> list[Detections | TaskFailure]:
+        """Detections per image, or a TaskFailure for an image that failed.
+
+        stacked=True runs one model call for the whole batch (GPU); False runs
+        the images one by one (faster per image on a CPU).
+        """
+        results: list[Detections | TaskFailure | None] = [None] * len(images)
+        prepared, slots = [], []
+        for i, bgr in enumerate(images):
+            try:
+                prepared.append(self._prepare(bgr, i))
+                slots.append(i)
+            except Exception as exc:  # a degenerate image fails only itself
+                results[i] = TaskFailure("preprocess_error", f"preprocessing failed: {type(exc).__name__}: {exc}")
+        groups = [list(range(len(slots)))] if stacked and slots else [[k] for k in range(len(slots))]
+        for group in groups:
+            self._run_group(images, prepared, slots, group, results, len(images))
+        return results  # type: ignore[return-value]
+
+    def _run_group(self, images, prepared, slots, group, results, batch_size) -> None:
+        start = time.perf_counter()
+        try:
+            samples = self._run([prepared[k] for k in group])
+        except Exception as exc:
+            if len(group) > 1:  # find the image that breaks the batch; the rest still run
+                logger.warning("batch of %d failed (%s); retrying one by one", len(group), exc)
+                for k in group:
+                    self._run_group(images, prepared, slots, [k], results, batch_size)
+                return
+            results[slots[group[0]]] = TaskFailure("model_error", f"model failed on this image: {type(exc).__name__}: {exc}")
+            return
+        per_image = (time.perf_counter() - start) / len(group)
+        for k, sample in zip(group, samples):
+            h, w = images[slots[k]].shape[:2]
+            results[slots[k]] = self._to_detections(sample, w, h, batch_size, per_image)

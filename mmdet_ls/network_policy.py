@@ -1,0 +1,103 @@
+"""Which addresses the image loader may connect to (SSRF protection)."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .failures import TaskError
+
+# Never fetched unless explicitly allowed: cloud metadata services and
+# link-local ranges answer credentials to anyone who asks.
+METADATA_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "169.254.0.0/16",  # link-local, AWS/GCP/Azure metadata at 169.254.169.254
+        "fe80::/10",  # IPv6 link-local
+        "fd00:ec2::254/128",  # AWS IMDS over IPv6
+        "100.100.100.200/32",  # Alibaba Cloud metadata
+    )
+)
+# Never useful as an image host.
+UNROUTABLE_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32", "::/128", "ff00::/8")
+)
+
+
+def classify_address(ip: str) -> str:
+    """'metadata', 'unroutable', 'loopback', 'private' or 'public'."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if any(addr in n for n in METADATA_NETWORKS) or addr.is_link_local:
+        return "metadata"
+    if any(addr in n for n in UNROUTABLE_NETWORKS) or addr.is_multicast or addr.is_unspecified:
+        return "unroutable"
+    if addr.is_loopback:
+        return "loopback"
+    if addr.is_private or addr.is_reserved or (
+        isinstance(addr, ipaddress.IPv4Address) and addr in ipaddress.ip_network("100.64.0.0/10")
+    ):
+        return "private"
+    return "public"
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Default: public addresses only, plus the Label Studio host.
+
+    `allow_private_networks` opens loopback and private ranges (many Label
+    Studio installs keep images there); `allowed_hosts` opens single host
+    names, IPs or CIDR networks. Metadata/link-local addresses stay closed
+    unless listed in `allowed_hosts` by IP or network.
+    """
+
+    allow_private_networks: bool = False
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+
+    def _allowed_networks(self):
+        nets = []
+        for entry in self.allowed_hosts:
+            try:
+                nets.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                pass
+        return nets
+
+    def check_address(self, host: str, ip: str, trusted_host: bool = False) -> None:
+        """Raise TaskError when connecting to `ip` (resolved from `host`) is refused."""
+        kind = classify_address(ip)
+        addr = ipaddress.ip_address(ip)
+        if any(addr in n for n in self._allowed_networks()):
+            return
+        host_listed = host.lower() in {h.lower() for h in self.allowed_hosts}
+        if kind == "metadata":
+            raise TaskError(
+                "forbidden_address",
+                f"refused to fetch from {host} ({ip}): link-local/cloud-metadata addresses are "
+                "never fetched; list the address in allowed_hosts if this is really an image server",
+            )
+        if kind == "unroutable":
+            raise TaskError("forbidden_address", f"refused to fetch from {host} ({ip}): not a routable address")
+        if kind in ("loopback", "private") and not (trusted_host or host_listed or self.allow_private_networks):
+            raise TaskError(
+                "forbidden_address",
+                f"refused to fetch from {host} ({ip}): {kind} addresses are blocked; set "
+                "allow_private_networks: true or add the host to allowed_hosts if your images live there",
+            )
+
+    def check_url_host(self, url: str, trusted_host: bool = False) -> None:
+        """Resolve the URL's host and check every address it resolves to."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if not host:
+            raise TaskError("bad_url", f"URL has no host: {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise TaskError("dns_error", f"cannot resolve host {host!r}: {exc}", retriable=True) from None
+        for info in infos:
+            self.check_address(host, info[4][0], trusted_host=trusted_host)

@@ -1,0 +1,142 @@
+"""Train the toy 3-class RTMDet on synthetic scenes (CPU) and write a plain,
+small checkpoint for the service tests.
+
+    nice -n 10 .venv/bin/python tests/toy_detector/train.py
+
+1. writes 2000 training scenes (seeds 0..1999) and 100 validation scenes
+   (seeds 500000..500099) as COCO datasets into a temporary directory,
+2. trains ``rtmdet_toy.py`` with mmdet's own training loop (mmengine Runner,
+   3000 iterations of batch 8, AdamW lr 0.004, EMA) and validates once at
+   the end with mmdet's CocoMetric,
+3. saves ``rtmdet_toy_3class.pth`` next to this file with only
+   ``state_dict`` (the EMA weights, CPU tensors) and
+   ``meta = {'dataset_meta': {'classes': ..., 'palette': ...}, ...}``: no
+   optimizer, message hub or other pickled objects, so that
+   ``torch.load(weights_only=True)`` -- and hence mmdet's ``init_detector``
+   -- loads it as is.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from scenes import CLASSES, write_coco_dataset  # noqa: E402
+
+CONFIG = os.path.join(HERE, 'rtmdet_toy.py')
+DEFAULT_OUT = os.path.join(HERE, 'rtmdet_toy_3class.pth')
+TRAIN_SEED_OFFSET = 0
+VAL_SEED_OFFSET = 500_000
+
+
+def set_data_root(cfg, root: str) -> None:
+    """Point the train / val / test dataloaders and evaluators of ``cfg`` at
+    ``root/train`` and ``root/val`` (each with images/ and annotations.json)."""
+    train_root = os.path.join(root, 'train') + os.sep
+    val_root = os.path.join(root, 'val') + os.sep
+    cfg.train_dataloader.dataset.data_root = train_root
+    for key in ('val_dataloader', 'test_dataloader'):
+        if cfg.get(key) is not None:
+            cfg[key].dataset.data_root = val_root
+    for key in ('val_evaluator', 'test_evaluator'):
+        if cfg.get(key) is not None:
+            cfg[key].ann_file = os.path.join(val_root, 'annotations.json')
+
+
+def plain_checkpoint(src_path: str, dst_path: str, extra_meta: dict) -> None:
+    """Strip an mmengine checkpoint down to ``state_dict`` + ``meta``."""
+    import torch
+
+    ckpt = torch.load(src_path, map_location='cpu', weights_only=False)
+    state = ckpt['state_dict']  # EMAHook swaps the EMA weights in here
+    plain_state = OrderedDict(
+        (k[len('module.'):] if k.startswith('module.') else k, v.detach().cpu().contiguous().clone())
+        for k, v in state.items())
+    from mmengine.config import Config
+    metainfo = Config.fromfile(CONFIG).metainfo
+    meta = {
+        'dataset_meta': {
+            'classes': tuple(CLASSES),
+            'palette': [tuple(int(c) for c in p) for p in metainfo['palette']],
+        },
+    }
+    meta.update(extra_meta)
+    torch.save({'state_dict': plain_state, 'meta': meta}, dst_path)
+    # must load without unpickling arbitrary objects
+    torch.load(dst_path, map_location='cpu', weights_only=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--n-train', type=int, default=2000)
+    ap.add_argument('--n-val', type=int, default=100)
+    ap.add_argument('--iters', type=int, default=3000)
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--out', default=DEFAULT_OUT)
+    ap.add_argument('--work-dir', default=None,
+                    help='keep data, logs and the full checkpoint here (default: temp dir, removed)')
+    args = ap.parse_args(argv)
+
+    t_start = time.time()
+    import torch
+    torch.set_num_threads(args.threads)
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    work = args.work_dir or tempfile.mkdtemp(prefix='toy_rtmdet_')
+    os.makedirs(work, exist_ok=True)
+    data_root = os.path.join(work, 'data')
+    print(f'writing {args.n_train} train + {args.n_val} val scenes to {data_root}', flush=True)
+    write_coco_dataset(os.path.join(data_root, 'train'), args.n_train, TRAIN_SEED_OFFSET)
+    write_coco_dataset(os.path.join(data_root, 'val'), args.n_val, VAL_SEED_OFFSET)
+    t_data = time.time()
+    print(f'data written in {t_data - t_start:.0f} s', flush=True)
+
+    cfg = Config.fromfile(CONFIG)
+    set_data_root(cfg, data_root)
+    cfg.work_dir = os.path.join(work, 'work_dir')
+    cfg.train_cfg.max_iters = args.iters
+    cfg.train_cfg.val_interval = args.iters
+    cfg.default_hooks.checkpoint.interval = args.iters
+    # keep the schedule proportional when --iters changes
+    cfg.param_scheduler[1].begin = args.iters // 2
+    cfg.param_scheduler[1].end = args.iters
+    cfg.param_scheduler[1].T_max = args.iters - args.iters // 2
+    if args.n_val <= 0:
+        cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None
+
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    t_train = time.time()
+
+    ckpts = sorted(glob.glob(os.path.join(cfg.work_dir, 'iter_*.pth')),
+                   key=lambda p: int(os.path.basename(p)[5:-4]))
+    if not ckpts:
+        raise SystemExit('no checkpoint was written')
+    import mmdet
+    plain_checkpoint(ckpts[-1], args.out, {
+        'mmdet_version': mmdet.__version__,
+        'iters': int(args.iters),
+        'n_train_images': int(args.n_train),
+        'trained_with': 'tests/toy_detector/train.py',
+    })
+    size_mb = os.path.getsize(args.out) / 2**20
+    print(f'wrote {args.out} ({size_mb:.1f} MiB)')
+    print(f'TIME data {t_data - t_start:.0f} s, training {t_train - t_data:.0f} s '
+          f'({(t_train - t_data) / 60:.1f} min), total {time.time() - t_start:.0f} s', flush=True)
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
