@@ -61,6 +61,7 @@ class Detector:
         self.threads = torch_threads or replica_cpu_count()
         limit_threads(self.threads)
         started = time.perf_counter()
+        self.loaded_at = time.time()
         self.runner = BatchDetector(
             resolve_config_file(config_file), resolve_checkpoint_file(checkpoint_file), device
         )
@@ -82,6 +83,8 @@ class Detector:
 
     def info(self) -> dict:
         return {
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "loaded_at": self.loaded_at,
             "device": self.runner.device,
             "classes": list(self.runner.class_names),
             "threads": self.threads,

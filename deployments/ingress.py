@@ -1,5 +1,4 @@
 """Ingress: the Label Studio ML backend protocol over HTTP (FastAPI)."""
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -50,6 +49,39 @@ def classify_exception(exc: BaseException) -> TaskFailure:
     return TaskFailure("replica_failed", f"a serving replica failed ({name}); retry later", retriable=True)
 
 
+async def _await(response):
+    return await response
+
+
+def collect_prometheus_text(prefix: str = metrics.PREFIX, timeout_s: float = 2.0) -> str:
+    """Our metric families from every alive node's Ray metrics endpoint."""
+    import ray
+
+    lines: list[str] = []
+    seen_meta: set[str] = set()
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if not node.get("Alive") or not port:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
+        try:
+            text = requests.get(url, timeout=timeout_s).text
+        except requests.RequestException:
+            lines.append(f"# node {node['NodeManagerAddress']} did not answer")
+            continue
+        for line in text.splitlines():
+            if prefix not in line:
+                continue
+            if line.startswith("#"):
+                if line in seen_meta:
+                    continue
+                seen_meta.add(line)
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+# serve.ingress pickles the class when it decorates it: every module-level
+# helper the methods use must be defined above this line.
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
 @serve.ingress(app)
 class LabelStudioIngress:
@@ -277,6 +309,8 @@ class LabelStudioIngress:
                     for r in responses:
                         r.cancel()
                     failure = classify_exception(exc)
+                    if failure.reason == "replica_failed":
+                        logger.warning("task %s: %r", job.task_id, exc, exc_info=exc)
                     # A replica that died mid-call: try once more on a healthy one.
                     if failure.reason == "replica_failed" and attempt == 0 and deadline - time.monotonic() > 5:
                         logger.warning("task %s: %s, retrying", job.task_id, type(exc).__name__)
@@ -326,33 +360,3 @@ class LabelStudioIngress:
         text = await asyncio.to_thread(collect_prometheus_text)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
-
-async def _await(response):
-    return await response
-
-
-def collect_prometheus_text(prefix: str = metrics.PREFIX, timeout_s: float = 2.0) -> str:
-    """Our metric families from every alive node's Ray metrics endpoint."""
-    import ray
-
-    lines: list[str] = []
-    seen_meta: set[str] = set()
-    for node in ray.nodes():
-        port = node.get("MetricsExportPort")
-        if not node.get("Alive") or not port:
-            continue
-        url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
-        try:
-            text = requests.get(url, timeout=timeout_s).text
-        except requests.RequestException:
-            lines.append(f"# node {node['NodeManagerAddress']} did not answer")
-            continue
-        for line in text.splitlines():
-            if prefix not in line:
-                continue
-            if line.startswith("#"):
-                if line in seen_meta:
-                    continue
-                seen_meta.add(line)
-            lines.append(line)
-    return "\n".join(lines) + "\n"

@@ -38,6 +38,8 @@ class Postprocess:
         result = image_result(detections, targets, self.score_threshold)
         if result.stats.below_threshold:
             metrics.dropped_detections_total().inc(result.stats.below_threshold, tags={"why": "below_threshold"})
+        if result.stats.invalid:
+            metrics.dropped_detections_total().inc(result.stats.invalid, tags={"why": "invalid_box"})
         if result.stats.unmapped:
             metrics.dropped_detections_total().inc(result.stats.unmapped, tags={"why": "unmapped"})
         return result

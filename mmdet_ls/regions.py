@@ -29,6 +29,7 @@ class RegionStats:
     kept: int = 0
     below_threshold: int = 0
     unmapped: int = 0  # class maps to no label in the config
+    invalid: int = 0  # non-finite or empty after clipping to the image
 
 
 def _clip(v: float) -> float:
@@ -66,16 +67,19 @@ def detections_to_regions(
     order = np.argsort(-np.asarray(detections.scores, dtype=np.float64), kind="stable")
     for i in order:
         score = float(detections.scores[i])
-        if score < threshold:
+        if not score >= threshold:  # also drops NaN scores
             stats.below_threshold += 1
             continue
         label = label_map.get(normalize_class_name(detections.class_names[i]))
         if label is None:
             stats.unmapped += 1
             continue
+        if not np.all(np.isfinite(detections.boxes[i])):
+            stats.invalid += 1
+            continue
         x, y, w, h = box_to_percent(detections.boxes[i], detections.width, detections.height)
         if w <= 0 or h <= 0:
-            stats.below_threshold += 1  # degenerate after clipping
+            stats.invalid += 1  # nothing left inside the image
             continue
         stats.kept += 1
         regions.append(

@@ -52,3 +52,10 @@ def test_region_ids_are_deterministic_and_unique():
     b = detections_to_regions(d, TARGET, 0.5)
     assert [r["id"] for r in a] == [r["id"] for r in b]
     assert len({r["id"] for r in a}) == 2
+
+
+def test_non_finite_and_outside_boxes_are_dropped_and_counted():
+    d = dets([[-np.inf, 0, 10, np.inf], [300, 300, 400, 400], [10, 10, 20, 20]], [1.0, 0.9, np.nan], ["car"] * 3)
+    stats = RegionStats()
+    assert detections_to_regions(d, TARGET, 0.0, stats) == []
+    assert (stats.invalid, stats.below_threshold) == (2, 1)

@@ -54,14 +54,16 @@ def coco_map(gts, preds):
         for lab, b, s in p:
             dets.append({'image_id': i, 'category_id': lab + 1,
                          'bbox': [b[0], b[1], b[2] - b[0], b[3] - b[1]], 'score': s})
-    coco = COCO()
-    coco.dataset = {'images': images, 'annotations': anns,
-                    'categories': [{'id': i + 1, 'name': c} for i, c in enumerate(CLASSES)]}
-    coco.createIndex()
-    if not dets:
-        return 0.0, 0.0
     import contextlib
     import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {'images': images, 'annotations': anns,
+                        'categories': [{'id': i + 1, 'name': c}
+                                       for i, c in enumerate(CLASSES)]}
+        coco.createIndex()
+    if not dets:
+        return 0.0, 0.0
     with contextlib.redirect_stdout(io.StringIO()):
         dt = coco.loadRes(dets)
         ev = COCOeval(coco, dt, 'bbox')

@@ -1,0 +1,57 @@
+"""Start and stop Ray Serve for tests without touching other Ray clusters."""
+from __future__ import annotations
+
+import socket
+import time
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> dict:
+    def ready():
+        body = requests.get(f"{url}/health", timeout=2).json()
+        return body if body.get("ready") else None
+
+    return wait_until(ready, timeout_s, what=f"{url}/health ready")
+
+
+def start_serve(app, num_cpus: int = 4):
+    """ray.init(address='local') + serve on a free port; returns the base URL."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name="mmdet-backend", route_prefix="/", blocking=False)
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_serve():
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()

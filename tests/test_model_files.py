@@ -1,0 +1,70 @@
+import hashlib
+
+import pytest
+
+from mmdet_ls.model_files import (
+    ModelFileError, model_version, parse_device, resolve_checkpoint_file, resolve_config_file,
+)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [("cpu", "cpu"), ("cuda", "cuda:0"), ("cuda:1", "cuda:1"), ("gpu:0", "cuda:0"), ("GPU:2", "cuda:2"), (" cpu ", "cpu")],
+)
+def test_device_names(given, expected):
+    assert parse_device(given) == expected
+
+
+def test_bad_device_name():
+    with pytest.raises(ModelFileError, match="cuda:N"):
+        parse_device("tpu")
+
+
+def test_select_device_falls_back_to_cpu_with_one_warning(caplog):
+    from mmdet_ls.model_files import select_device
+
+    assert select_device("gpu:0") == "cpu"  # no CUDA on this machine
+    assert sum("CUDA is not available" in r.message for r in caplog.records) == 1
+
+
+def test_config_names_shipped_with_mmdet_resolve(tmp_path):
+    path = resolve_config_file("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py")
+    assert path.endswith("faster-rcnn_r50_fpn_1x_coco.py")
+    assert resolve_config_file("mmdet::rtmdet/rtmdet_tiny_8xb32-300e_coco.py").endswith(".py")
+    own = tmp_path / "mine.py"
+    own.write_text("x = 1")
+    assert resolve_config_file(str(own)) == str(own.resolve())
+    with pytest.raises(ModelFileError, match="neither a file nor a config shipped"):
+        resolve_config_file("nope/nope.py")
+
+
+def test_model_version_tracks_checkpoint_content(tmp_path):
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"weights-1")
+    v1 = model_version("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", str(ckpt))
+    assert v1 == "faster-rcnn_r50_fpn_1x_coco-" + hashlib.sha256(b"weights-1").hexdigest()[:12]
+    assert model_version("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", str(ckpt)) == v1  # stable
+    ckpt.write_bytes(b"weights-2")
+    assert model_version("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", str(ckpt)) != v1
+
+
+def test_unreachable_checkpoint_url_says_what_to_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path))
+    with pytest.raises(ModelFileError) as err:
+        resolve_checkpoint_file("http://127.0.0.1:9/faster_rcnn.pth", timeout_s=2)
+    message = str(err.value)
+    assert "set checkpoint_file to its local path" in message and str(tmp_path) in message
+
+
+def test_cached_checkpoint_url_is_not_downloaded_again(tmp_path, monkeypatch):
+    from mmdet_ls.model_files import cached_checkpoint_path
+
+    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path))
+    url = "http://127.0.0.1:9/model.pth"  # nothing listens there
+    cached_checkpoint_path(url).write_bytes(b"x")
+    assert resolve_checkpoint_file(url) == str(cached_checkpoint_path(url))
+
+
+def test_missing_checkpoint_path():
+    with pytest.raises(ModelFileError, match="does not exist"):
+        resolve_checkpoint_file("/nonexistent/model.pth")

@@ -1,0 +1,221 @@
+"""The deployment graph in-process on Ray Serve, with a real MMDetection model:
+the toy RTMDet trained on synthetic scenes (tests/toy_detector), loaded through
+the normal config_file/checkpoint_file path, so regions are real detections.
+(Box geometry against ground truth: test_geometry.py.)
+"""
+import concurrent.futures as cf
+import io
+import re
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from mmdet_ls.model_files import model_version
+from serve_app import AppArgs, build_app
+
+from image_server import ImageServer
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from toy_detector.scenes import make_scene
+from serve_fixtures import start_serve, stop_serve, wait_ready, wait_until
+
+pytestmark = pytest.mark.timeout(900)
+
+LABEL_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<RectangleLabels name="label" toName="image">'
+    '<Label value="Vehicle" predicted_values="car,airplane,truck"/><Label value="Person" predicted_values="person"/>'
+    "</RectangleLabels></View>"
+)
+LABELS = {"Vehicle", "Person"}
+SIZES = [(320, 240)] + [(300 + 20 * i, 260 + 10 * i) for i in range(8)]
+
+
+def png(seed, size) -> bytes:
+    buf = io.BytesIO()
+    make_scene(seed, *size)[0].save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("graph")
+    checkpoint = TOY_CHECKPOINT
+    image_dir = tmp / "media" / "upload"
+    (image_dir / "1").mkdir(parents=True)
+    (image_dir / "1" / "c36a2d98-upload1.png").write_bytes(png(500, SIZES[0]))
+    http_root = tmp / "http"
+    http_root.mkdir()
+    for i in range(8):
+        (http_root / f"remote{i}.png").write_bytes(png(501 + i, SIZES[1 + i]))
+    args = AppArgs(
+        config_file=str(TOY_CONFIG),
+        checkpoint_file=str(checkpoint),
+        image_dir=str(image_dir),
+        allowed_hosts=["127.0.0.1"],
+        max_batch_size=4,
+        batch_wait_timeout_s=0.05,
+    )
+    with ImageServer(http_root) as images:
+        url = start_serve(build_app(args))
+        try:
+            wait_ready(url)
+            yield {"url": url, "images": images, "checkpoint": checkpoint, "args": args}
+        finally:
+            stop_serve()
+
+
+def task(task_id, image):
+    return {"id": task_id, "data": {"image": image}, "meta": {}, "annotations": [], "predictions": []}
+
+
+def predict(url, tasks, label_config=LABEL_CONFIG, timeout=100):
+    resp = requests.post(
+        f"{url}/predict",
+        json={"tasks": tasks, "project": "1.1795905333", "label_config": label_config, "params": {}},
+        timeout=timeout,
+    )
+    return resp
+
+
+def assert_well_formed(region, width, height):
+    assert region["type"] == "rectanglelabels"
+    assert (region["from_name"], region["to_name"]) == ("label", "image")
+    assert (region["original_width"], region["original_height"]) == (width, height)
+    assert region["image_rotation"] == 0 and region["value"]["rotation"] == 0
+    v = region["value"]
+    assert 0 <= v["x"] <= 100 and 0 <= v["y"] <= 100 and v["width"] > 0 and v["height"] > 0
+    assert v["x"] + v["width"] <= 100 + 1e-6 and v["y"] + v["height"] <= 100 + 1e-6
+    assert len(v["rectanglelabels"]) == 1 and v["rectanglelabels"][0] in LABELS
+    assert 0 <= region["score"] <= 1 and re.fullmatch(r"[0-9a-f]{10}", region["id"])
+
+
+def test_health_answers_label_studio_shape(backend):
+    body = requests.get(f"{backend['url']}/health", timeout=1).json()
+    assert body["status"] == "UP" and body["ready"] is True
+    assert body["model_version"] == model_version(str(TOY_CONFIG), str(TOY_CHECKPOINT))
+    assert body["model_class"].startswith("MMDetection")
+    assert requests.get(f"{backend['url']}/", timeout=1).json()["model_version"] == body["model_version"]
+
+
+def test_setup_returns_model_version_and_rejects_unusable_config(backend):
+    url = backend["url"]
+    resp = requests.post(f"{url}/setup", json={
+        "project": "1.1795905333", "schema": LABEL_CONFIG, "hostname": "http://localhost:8080",
+        "access_token": "secret-token", "extra_params": None}, timeout=3)
+    assert resp.status_code == 200
+    assert resp.json() == {"model_version": requests.get(f"{url}/health").json()["model_version"]}
+    bad = requests.post(f"{url}/setup", json={"project": "2.1", "schema": "<View><Text name='t' value='$t'/></View>"},
+                        timeout=3)
+    assert bad.status_code == 400 and "no <RectangleLabels>" in bad.json()["error"]
+    bad_predict = predict(url, [task(1, "/data/upload/1/c36a2d98-upload1.png")], label_config="<View/>")
+    assert bad_predict.status_code == 400 and "no <RectangleLabels>" in bad_predict.json()["error"]
+
+
+def test_predict_answers_every_task_in_order_with_errors_per_task(backend):
+    url, images = backend["url"], backend["images"]
+    tasks = [
+        task(11, "/data/upload/1/c36a2d98-upload1.png"),  # image_dir
+        task(12, f"{images.url}/remote0.png"),  # HTTP
+        task(13, f"{images.url}/does-not-exist.png"),  # broken
+        task(14, f"{images.url}/remote1.png"),
+        {"id": 15, "data": {"text": "no image key"}},
+    ]
+    resp = predict(url, tasks)
+    assert resp.status_code == 200
+    body = resp.json()
+    results = body["results"]
+    assert len(results) == 5
+    version = requests.get(f"{url}/health").json()["model_version"]
+    ok = [results[i] for i in (0, 1, 3)]
+    for item, (w, h) in zip(ok, [SIZES[0], SIZES[1], SIZES[2]]):
+        assert "error" not in item and item["model_version"] == version
+        assert item["result"], "every scene has 1-4 objects the toy detector finds"
+        for region in item["result"]:
+            assert_well_formed(region, w, h)
+        assert item["score"] == pytest.approx(sum(r["score"] for r in item["result"]) / len(item["result"]))
+    broken = results[2]
+    assert "result" not in broken and broken["error_reason"] == "http_404"
+    assert broken["error"].endswith("answered HTTP 404") and "does-not-exist.png" in broken["error"]
+    assert results[4]["error_reason"] == "bad_task" and '"image"' in results[4]["error"]
+
+
+def test_batches_larger_than_one_form_under_concurrent_load(backend):
+    url, images = backend["url"], backend["images"]
+    def one_call(i):
+        return predict(url, [task(100 + i * 4 + k, f"{images.url}/remote{(i + k) % 8}.png") for k in range(4)])
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one_call, range(8)))
+    assert all(r.status_code == 200 and len(r.json()["results"]) == 4 for r in responses)
+    assert all("error" not in item for r in responses for item in r.json()["results"])
+
+    def batch_histogram():
+        text = requests.get(f"{url}/metrics", timeout=10).text
+        buckets = {}
+        for line in text.splitlines():
+            m = re.match(r'ray_mmdet_ls_model_batch_size_bucket\{.*le="([^"]+)".*\} ([0-9.e+]+)', line)
+            if m:
+                buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0) + float(m.group(2))
+        count = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                    if l.startswith("ray_mmdet_ls_model_batch_size_count"))
+        return (buckets, count) if count >= 1 else None
+
+    buckets, count = wait_until(batch_histogram, 60, 1, "batch size metrics")
+    images_in_batches = wait_until(lambda: _metric_sum(url, "ray_mmdet_ls_model_batch_size_sum"), 30)
+    assert buckets[1.0] < count, f"every batch had one image: {buckets}"
+    assert images_in_batches / count > 1.0
+
+
+def _metric_sum(url, name):
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))
+
+
+def test_metrics_count_tasks_and_failures_by_reason(backend):
+    url, images = backend["url"], backend["images"]
+    before = _metric_sum(url, 'ray_mmdet_ls_task_failures_total{')
+    predict(url, [task(900, f"{images.url}/status/500"), task(901, "ftp://x/y.png")])
+    def grew():
+        text = requests.get(f"{url}/metrics", timeout=10).text
+        return 'reason="http_500"' in text and 'reason="bad_url"' in text and \
+            _metric_sum(url, 'ray_mmdet_ls_task_failures_total{') >= before + 2
+    wait_until(grew, 30, 1, "failure metrics")
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    for family in ("ray_mmdet_ls_tasks_total", "ray_mmdet_ls_images_total", "ray_mmdet_ls_stage_seconds_bucket",
+                   "ray_mmdet_ls_dropped_detections_total"):
+        assert family in text, family
+
+
+def test_webhook_acknowledges_every_event(backend):
+    for action in ("ANNOTATION_CREATED", "PROJECT_UPDATED", "START_TRAINING", None):
+        resp = requests.post(f"{backend['url']}/webhook", json={"action": action, "project": {"id": 1}}, timeout=5)
+        assert resp.status_code == 200
+        body = resp.json()
+        assert body["status"] == "ok" and body["handled"] is False and "does not train" in body["detail"]
+
+
+def test_score_threshold_and_batch_settings_change_live_without_reload(backend):
+    from ray import serve
+
+    url, images = backend["url"], backend["images"]
+    detector = serve.get_deployment_handle("Detector", app_name="mmdet-backend")
+    before = detector.info.remote().result()
+    tasks = [task(i, f"{images.url}/remote{i}.png") for i in range(8)]
+
+    def regions_at(threshold):
+        args = backend["args"].model_copy(update={"score_threshold": threshold})
+        serve.run(build_app(args), name="mmdet-backend", route_prefix="/")
+        results = predict(url, tasks).json()["results"]
+        return [r for item in results for r in item["result"]]
+
+    loose, strict = regions_at(0.05), regions_at(0.9)
+    assert min(r["score"] for r in loose) < 0.9 <= min(r["score"] for r in strict)
+    assert len(strict) < len(loose)
+    args = backend["args"].model_copy(update={"max_batch_size": 8, "batch_wait_timeout_s": 0.02})
+    serve.run(build_app(args), name="mmdet-backend", route_prefix="/")
+    after = detector.info.remote().result()
+    assert after["replica_id"] == before["replica_id"] and after["loaded_at"] == before["loaded_at"]
+    assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (8, 0.02)
+    serve.run(build_app(backend["args"]), name="mmdet-backend", route_prefix="/")
