@@ -12,6 +12,10 @@ from PIL import Image, ImageOps
 # replica's memory (100 MP of RGB is 300 MB).
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_SIDE = 20_000
+# Raster formats a browser (and so Label Studio's <Image>) can show, plus
+# TIFF (JPEG covers multi-picture MPO files). Everything else Pillow knows (EPS runs Ghostscript, PSD, FITS, ...)
+# is refused before any plugin parses more than the first bytes.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "ICO")
 
 
 class ImageDecodeError(ValueError):
@@ -28,6 +32,11 @@ class DecodedImage:
     exif_transposed: bool = False
     source: str = ""  # where the bytes came from: local, label_studio, remote, inline
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -63,7 +72,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
             width, height = img.size
             if width < 1 or height < 1:
                 raise ImageDecodeError(f"image has no pixels ({width}x{height})")
@@ -83,15 +92,29 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image refused as a decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError("data is not an image in a format Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow reports truncated or corrupt files as OSError ("image file is truncated").
-        raise ImageDecodeError(f"image data is corrupt or truncated: {exc}") from None
+        raise ImageDecodeError(
+            "data is not an image in a supported format (JPEG, PNG, GIF, BMP, TIFF, WebP, AVIF, ICO)"
+        ) from None
+    except MemoryError:
+        raise ImageDecodeError("image is too large to decode in the memory available") from None
+    except Exception as exc:
+        # Pillow reports truncated or corrupt files as OSError ("image file is
+        # truncated"); fuzzed files also raise SyntaxError, struct.error,
+        # IndexError, ZeroDivisionError... all of them mean a broken file.
+        raise ImageDecodeError(f"image data is corrupt or truncated: {_short(exc)}") from None
 
-    orientation = img.getexif().get(0x0112, 1)
-    if orientation not in (None, 1):
-        img = ImageOps.exif_transpose(img)
-    rgb = _to_rgb(img)
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: browsers ignore it, so do we
+        orientation = 1
+    try:
+        if orientation not in (None, 1):
+            img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+    except MemoryError:
+        raise ImageDecodeError("image is too large to decode in the memory available") from None
+    except Exception as exc:  # e.g. a colour mode Pillow cannot convert to RGB (LAB TIFF)
+        raise ImageDecodeError(f"image mode {img.mode} cannot be converted to RGB: {_short(exc)}") from None
     arr = np.asarray(rgb, dtype=np.uint8)
     bgr = np.ascontiguousarray(arr[:, :, ::-1])
     return DecodedImage(bgr=bgr, width=rgb.width, height=rgb.height, exif_transposed=orientation not in (None, 1))

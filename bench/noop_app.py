@@ -1,0 +1,40 @@
+"""The production graph with the detector's model call replaced by a no-op.
+
+Bench-only (`import_path: bench.noop_app:build_app`): it measures what the
+serving graph itself costs per request.
+"""
+import numpy as np
+
+import serve_app
+from deployments.detector import Detector
+from mmdet_ls.regions import Detections
+
+
+class NoopBatchDetector:
+    device = "cpu"
+    class_names = ["car"]
+
+    def detect(self, images, stacked=True):
+        return [
+            Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), [], im.shape[1], im.shape[0],
+                       batch_size=len(images))
+            for im in images
+        ]
+
+
+class NoopDetector(Detector.func_or_class):
+    def __init__(self, *args, **kwargs):
+        import time
+
+        self.threads = 1
+        self.loaded_at = time.time()
+        self.runner = NoopBatchDetector()
+        self.stack_batches = False
+
+
+def build_app(args):
+    serve_app.Detector = Detector.options(func_or_class=NoopDetector)
+    try:
+        return serve_app.build_app(args)
+    finally:
+        serve_app.Detector = Detector
