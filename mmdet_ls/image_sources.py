@@ -52,15 +52,34 @@ class ImageBytes:
     content_type: str = ""
 
 
+MAX_URL_IN_MESSAGE = 300  # characters of a URL or path quoted back in an error message
+
+
+def url_port(parts) -> int:
+    """The URL's port; TaskError (not ValueError) for a malformed one."""
+    try:
+        port = parts.port
+    except ValueError:
+        raise TaskError("bad_url", f"URL has an invalid port: {_safe(parts.geturl())}") from None
+    return port or (443 if parts.scheme == "https" else 80)
+
+
 def same_origin(url: str, base_url: str | None) -> bool:
     if not base_url:
         return False
     a, b = urlsplit(url), urlsplit(base_url)
+    try:
+        return (a.scheme, (a.hostname or "").lower(), url_port(a)) == (
+            b.scheme, (b.hostname or "").lower(), url_port(b)
+        )
+    except TaskError:
+        return False
 
-    def port(p):
-        return p.port or (443 if p.scheme == "https" else 80)
 
-    return (a.scheme, (a.hostname or "").lower(), port(a)) == (b.scheme, (b.hostname or "").lower(), port(b))
+def _quote(value: str) -> str:
+    """A user-supplied value for an error message: repr, and not too long."""
+    text = repr(value)
+    return text if len(text) <= MAX_URL_IN_MESSAGE else text[:MAX_URL_IN_MESSAGE] + "...'"
 
 
 # ---------------------------------------------------------------- local files
@@ -73,25 +92,42 @@ def resolve_upload_path(image_dir: str, url: str) -> Path | None:
     relative = unquote(path[len(UPLOAD_PREFIX):])
     parts = relative.replace("\\", "/").split("/")
     if "\x00" in relative or any(p in ("..", ".") for p in parts) or relative.startswith("/"):
-        raise TaskError("forbidden_path", f"upload path {url!r} leaves the upload folder")
+        raise TaskError("forbidden_path", f"upload path {_quote(url)} leaves the upload folder")
     root = Path(image_dir).resolve()
-    candidate = (root / relative).resolve()
+    try:
+        candidate = (root / relative).resolve()
+    except (OSError, RuntimeError, ValueError):  # symlink loops, names the OS cannot take
+        raise TaskError("forbidden_path", f"upload path {_quote(url)} cannot be resolved") from None
     if root != candidate and root not in candidate.parents:
-        raise TaskError("forbidden_path", f"upload path {url!r} resolves outside the upload folder")
+        raise TaskError("forbidden_path", f"upload path {_quote(url)} resolves outside the upload folder")
     return candidate
 
 
 def read_local_file(path: Path, max_bytes: int) -> bytes:
+    """Read an upload that resolve_upload_path approved.
+
+    The path is opened without following a final symlink and without
+    blocking (a FIFO planted in the upload folder cannot hang the loader),
+    and the checks run on the opened file, so swapping the file for a
+    symlink after the path check reads nothing outside the folder.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        st = os.stat(path)
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        raise TaskError("not_found", f"upload not found on this machine: {path.name}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise TaskError("forbidden_path", f"upload {path.name} is not a regular file")
-    if st.st_size > max_bytes:
-        raise TaskError("too_large", f"image file is {st.st_size} bytes; at most {max_bytes} allowed")
-    with open(path, "rb") as f:
-        return f.read(max_bytes + 1)
+        raise TaskError("not_found", f"upload not found on this machine: {_quote(path.name)}") from None
+    except OSError as exc:  # ELOOP: the last component became a symlink; EACCES, ...
+        raise TaskError("forbidden_path", f"upload {_quote(path.name)} cannot be opened: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise TaskError("forbidden_path", f"upload {_quote(path.name)} is not a regular file")
+        if st.st_size > max_bytes:
+            raise TaskError("too_large", f"image file is {st.st_size} bytes; at most {max_bytes} allowed")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TaskError("too_large", f"image file is larger than {max_bytes} bytes")
+    return data
 
 
 # ---------------------------------------------------------- Label Studio auth
@@ -211,14 +247,30 @@ def http_get_image(
     deadline = time.monotonic() + limits.total_timeout_s
     current = url
     retried_auth = False
+    # Credentials go only on hops of a chain that started at Label Studio and
+    # stayed there: a foreign server that redirects to Label Studio's host
+    # does not get the backend to fetch Label Studio pages with its token.
+    chain_trusted = True
     for _hop in range(limits.max_redirects + 1):
         parts = urlsplit(current)
         if parts.scheme not in ("http", "https"):
-            raise TaskError("bad_url", f"unsupported URL scheme {parts.scheme!r}: only http and https are fetched")
+            raise TaskError(
+                "bad_url", f"unsupported URL scheme {_quote(parts.scheme)}: only http and https are fetched"
+            )
+        check_url_text(current)
+        url_port(parts)
         trusted = same_origin(current, label_studio_url)
+        chain_trusted = chain_trusted and trusted
+        send_credentials = chain_trusted and auth is not None
         policy.check_url_host(current, trusted_host=trusted)
-        headers = {"Accept": "image/*,*/*;q=0.5", "User-Agent": "mmdet-labelstudio-backend"}
-        if trusted and auth is not None:
+        # identity: raw socket bytes are what is counted and capped, and a
+        # gzip "image" would otherwise reach the decoder still compressed.
+        headers = {
+            "Accept": "image/*,*/*;q=0.5",
+            "Accept-Encoding": "identity",
+            "User-Agent": "mmdet-labelstudio-backend",
+        }
+        if send_credentials:
             headers.update(auth.headers())
         remaining = max(0.1, deadline - time.monotonic())
         try:
@@ -240,10 +292,12 @@ def http_get_image(
         with resp:
             _check_peer(resp, policy, parts.hostname or "", trusted)
             if resp.is_redirect:
-                location = resp.headers.get("Location", "")
+                location = resp.headers.get("Location", "").strip()
+                if not location:
+                    raise TaskError("bad_url", f"{_safe(current)} answered a redirect without a Location")
                 current = urljoin(current, location)
                 continue
-            if resp.status_code == 401 and trusted and auth is not None and not retried_auth:
+            if resp.status_code == 401 and send_credentials and not retried_auth:
                 retried_auth = True  # access token may have expired early: exchange once more
                 auth.headers(force_refresh=True)
                 continue
@@ -251,7 +305,7 @@ def http_get_image(
                 raise TaskError(
                     f"http_{resp.status_code}",
                     f"{_safe(current)} answered HTTP {resp.status_code}"
-                    + (" (check the Label Studio API key)" if trusted and resp.status_code in (401, 403) else ""),
+                    + (" (check the Label Studio API key)" if send_credentials and resp.status_code in (401, 403) else ""),
                     retriable=resp.status_code >= 500 or resp.status_code == 429,
                 )
             data = _read_body(resp, limits, deadline)
@@ -264,9 +318,24 @@ def http_get_image(
 
 
 def _safe(url: str) -> str:
-    """URL for messages: no query string (it may carry signed credentials)."""
+    """URL for messages: no user:password, no query string (it may carry
+    signed credentials), and not too long."""
     p = urlsplit(url)
-    return f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}{p.path}" if p.scheme else url[:200]
+    text = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}{p.path}" if p.scheme else url
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+    return text if len(text) <= MAX_URL_IN_MESSAGE else text[:MAX_URL_IN_MESSAGE] + "..."
+
+
+def check_url_text(url: str) -> None:
+    """Refuse URLs no well-behaved client sends: control characters or
+    spaces (header injection, request smuggling) and text that is not
+    valid Unicode."""
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise TaskError("bad_url", f"URL contains spaces or control characters: {_quote(url)}")
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TaskError("bad_url", f"URL is not valid Unicode text: {_quote(url)}") from None
 
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
@@ -300,6 +369,10 @@ def fetch_image_bytes(
     if not isinstance(value, str) or not value.strip():
         raise TaskError("bad_task", f"image value must be a non-empty string, got {type(value).__name__}")
     value = value.strip()
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TaskError("bad_url", f"image value is not valid Unicode text: {_quote(value[:200])}") from None
     if len(value) > 64 * 1024 and not value.startswith(DATA_URI_PREFIX):
         raise TaskError("bad_url", "image URL is longer than 64 KiB")
     scheme = urlsplit(value).scheme.lower() if "://" in value or value.startswith(DATA_URI_PREFIX) else ""
@@ -314,11 +387,11 @@ def fetch_image_bytes(
 
     if not scheme:
         if not value.startswith("/"):
-            raise TaskError("bad_url", f"image value {value[:200]!r} is neither a URL nor a Label Studio path")
+            raise TaskError("bad_url", f"image value {_quote(value[:200])} is neither a URL nor a Label Studio path")
         if not label_studio_url:
             raise TaskError(
                 "no_label_studio_url",
-                f"{value[:200]!r} is a Label Studio path that is not under image_dir ({image_dir}) and no "
+                f"{_quote(value[:200])} is a Label Studio path that is not under image_dir ({image_dir}) and no "
                 "Label Studio URL is known: set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) or image_dir",
             )
         value = label_studio_url.rstrip("/") + value
@@ -331,12 +404,19 @@ def fetch_image_bytes(
                 f"{scheme}:// images are resolved through Label Studio; set LABEL_STUDIO_URL and "
                 "LABEL_STUDIO_API_KEY",
             )
+        if isinstance(task_id, bool) or not (
+            isinstance(task_id, int) or (isinstance(task_id, str) and task_id.isascii() and task_id.isdigit())
+        ):
+            # The id goes into a Label Studio URL path: digits only, no "../".
+            raise TaskError("bad_task", f"{scheme}:// images need the task's numeric id, got {_quote(str(task_id)[:50])}")
         encoded = base64.urlsafe_b64encode(value.encode()).decode()
         value = f"{label_studio_url.rstrip('/')}/tasks/{task_id}/presign/?fileuri={encoded}"
         scheme = "http"
 
     if scheme not in ("http", "https"):
-        raise TaskError("bad_url", f"unsupported URL scheme {scheme!r}: only http(s), Label Studio paths and data: URIs")
+        raise TaskError(
+            "bad_url", f"unsupported URL scheme {_quote(scheme[:50])}: only http(s), Label Studio paths and data: URIs"
+        )
     return http_get_image(
         value, session, limits, policy, label_studio_url=label_studio_url, auth=auth
     )

@@ -13,8 +13,8 @@ from PIL import Image, ImageOps
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_SIDE = 20_000
 # Raster formats a browser (and so Label Studio's <Image>) can show, plus
-# TIFF (JPEG covers multi-picture MPO files). Everything else Pillow knows (EPS runs Ghostscript, PSD, FITS, ...)
-# is refused before any plugin parses more than the first bytes.
+# TIFF; JPEG covers multi-picture (MPO) files. Everything else Pillow knows
+# (EPS runs Ghostscript, PSD, FITS, ...) is refused before a plugin parses it.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "AVIF", "ICO")
 
 
@@ -71,6 +71,7 @@ def decode_image(
         raise ImageDecodeError("image is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data" and the like: the log is no place for them
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
             width, height = img.size

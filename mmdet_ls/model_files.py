@@ -149,6 +149,16 @@ def select_device(device: str) -> str:
     return wanted
 
 
+def _inert_getattr(obj, name, *default):
+    """Stands in for `builtins.getattr` while unpickling checkpoints.
+
+    mmengine's HistoryBuffer (in a training checkpoint's message_hub) pickles
+    bound methods as getattr(...). Calling the real getattr from a pickle is
+    a gadget, and serving never reads the message hub, so it gets None.
+    """
+    return None
+
+
 def checkpoint_safe_globals() -> list:
     """Types that training-loop and zoo checkpoints hold besides tensors.
 
@@ -157,7 +167,7 @@ def checkpoint_safe_globals() -> list:
     """
     import numpy as np
 
-    allowed: list = [np.ndarray, np.dtype]
+    allowed: list = [np.ndarray, np.dtype, (_inert_getattr, "builtins.getattr")]
     try:
         allowed.append(np._core.multiarray._reconstruct)
         allowed.append(np._core.multiarray.scalar)
