@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
@@ -19,6 +21,15 @@ from . import metrics
 
 logger = logging.getLogger("ray.serve")
 
+LOADER_MAX_ONGOING_REQUESTS = 64
+MAX_AUTH_ENTRIES = 64  # (Label Studio URL, key) pairs kept; /setup can bring any number
+
+
+def task_label(task_id) -> str:
+    """A task id for log lines: ids come from the request, so keep them short."""
+    text = repr(task_id)
+    return text if len(text) <= 40 else text[:40] + "..."
+
 
 @dataclass(frozen=True)
 class ImageRequest:
@@ -28,7 +39,7 @@ class ImageRequest:
     api_key: str | None = field(default=None, repr=False)  # never logged
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=LOADER_MAX_ONGOING_REQUESTS)
 class ImageLoader:
     def __init__(
         self,
@@ -47,14 +58,22 @@ class ImageLoader:
         adapter = HTTPAdapter(pool_connections=16, pool_maxsize=64, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self._auth: dict[tuple[str, str], LabelStudioAuth] = {}
+        self._auth: OrderedDict[tuple[str, str], LabelStudioAuth] = OrderedDict()
+        # One thread per request this replica accepts: a slow or trickling
+        # server holds its own thread (up to total_timeout_s), never the ones
+        # other images need. (asyncio's default pool has cpu_count + 4.)
+        self._pool = ThreadPoolExecutor(max_workers=LOADER_MAX_ONGOING_REQUESTS, thread_name_prefix="image-load")
 
     def _auth_for(self, url: str | None, key: str | None) -> LabelStudioAuth | None:
         if not url or not key:
             return None
         cache_key = (url, key)
-        if cache_key not in self._auth:
+        if cache_key in self._auth:
+            self._auth.move_to_end(cache_key)
+        else:
             self._auth[cache_key] = LabelStudioAuth(url, key, self.session, self.limits)
+            while len(self._auth) > MAX_AUTH_ENTRIES:
+                self._auth.popitem(last=False)
         return self._auth[cache_key]
 
     def _load(self, request: ImageRequest) -> DecodedImage | TaskFailure:
@@ -82,16 +101,16 @@ class ImageLoader:
                 message = f"expected an image but the server sent {content_type.split(';')[0]}: {message}"
             failure = TaskFailure("not_an_image", message)
         except Exception as exc:  # never let one task take the loader down
-            logger.exception("unexpected error loading image of task %s", request.task_id)
+            logger.exception("unexpected error loading image of task %s", task_label(request.task_id))
             failure = TaskFailure("load_error", f"unexpected error loading the image: {type(exc).__name__}")
         else:
             image.source = fetched.source
             image.timings = {"load_s": fetched_at - start, "decode_s": time.perf_counter() - fetched_at}
             metrics.images_total().inc(tags={"source": fetched.source})
             return image
-        logger.warning("task %s: image not loaded (%s): %s", request.task_id, failure.reason, failure.message)
+        logger.warning("task %s: image not loaded (%s): %s", task_label(request.task_id), failure.reason, failure.message)
         return failure
 
     async def load(self, request: ImageRequest) -> DecodedImage | TaskFailure:
         # Downloads and decoding run in threads so one replica overlaps many.
-        return await asyncio.to_thread(self._load, request)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._load, request)

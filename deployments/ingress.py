@@ -82,7 +82,9 @@ def collect_prometheus_text(prefix: str = metrics.PREFIX, timeout_s: float = 2.0
 
 # serve.ingress pickles the class when it decorates it: every module-level
 # helper the methods use must be defined above this line.
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
+# Requests wait cheaply here (bounded by max_inflight_images); a low limit
+# would queue /health behind /predict calls past Label Studio's 1 s.
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256)
 @serve.ingress(app)
 class LabelStudioIngress:
     def __init__(

@@ -55,6 +55,14 @@ class ImageBytes:
 MAX_URL_IN_MESSAGE = 300  # characters of a URL or path quoted back in an error message
 
 
+def split_url(url: str):
+    """urlsplit, with TaskError for what it refuses (e.g. "http://[::1/")."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise TaskError("bad_url", f"malformed URL: {_quote(url)}") from None
+
+
 def url_port(parts) -> int:
     """The URL's port; TaskError (not ValueError) for a malformed one."""
     try:
@@ -67,12 +75,12 @@ def url_port(parts) -> int:
 def same_origin(url: str, base_url: str | None) -> bool:
     if not base_url:
         return False
-    a, b = urlsplit(url), urlsplit(base_url)
     try:
+        a, b = urlsplit(url), urlsplit(base_url)
         return (a.scheme, (a.hostname or "").lower(), url_port(a)) == (
             b.scheme, (b.hostname or "").lower(), url_port(b)
         )
-    except TaskError:
+    except (TaskError, ValueError):
         return False
 
 
@@ -103,13 +111,14 @@ def resolve_upload_path(image_dir: str, url: str) -> Path | None:
     return candidate
 
 
-def read_local_file(path: Path, max_bytes: int) -> bytes:
+def read_local_file(path: Path, max_bytes: int, root: Path | str | None = None) -> bytes:
     """Read an upload that resolve_upload_path approved.
 
     The path is opened without following a final symlink and without
     blocking (a FIFO planted in the upload folder cannot hang the loader),
-    and the checks run on the opened file, so swapping the file for a
-    symlink after the path check reads nothing outside the folder.
+    and the checks run on the opened file: with `root`, where the opened
+    file really lives is checked again (Linux /proc/self/fd), so a folder
+    swapped for a symlink after the path check reads nothing outside.
     """
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -119,6 +128,14 @@ def read_local_file(path: Path, max_bytes: int) -> bytes:
     except OSError as exc:  # ELOOP: the last component became a symlink; EACCES, ...
         raise TaskError("forbidden_path", f"upload {_quote(path.name)} cannot be opened: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
+        if root is not None and os.path.isdir("/proc/self/fd"):
+            try:
+                real = Path(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+            except OSError:
+                real = None
+            resolved_root = Path(root).resolve()
+            if real is not None and resolved_root not in real.parents:
+                raise TaskError("forbidden_path", f"upload {_quote(path.name)} resolves outside the upload folder")
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise TaskError("forbidden_path", f"upload {_quote(path.name)} is not a regular file")
@@ -128,6 +145,13 @@ def read_local_file(path: Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise TaskError("too_large", f"image file is larger than {max_bytes} bytes")
     return data
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):  # ENAMETOOLONG and the like: not an upload we have
+        return False
 
 
 # ---------------------------------------------------------- Label Studio auth
@@ -191,12 +215,19 @@ class LabelStudioAuth:
                 f"Label Studio refused the personal access token (HTTP {resp.status_code} from "
                 "/api/token/refresh/); check LABEL_STUDIO_API_KEY",
             )
-        access = resp.json().get("access")
-        if not access:
+        try:
+            answer = resp.json()
+        except ValueError:
+            answer = None
+        access = answer.get("access") if isinstance(answer, dict) else None
+        if not isinstance(access, str) or not access:
             raise TaskError("label_studio_auth", "Label Studio's token refresh answered without an access token")
         claims = _jwt_claims(access) or {}
         self._access = access
-        self._access_expires = float(claims.get("exp", time.time() + 240))
+        try:
+            self._access_expires = float(claims.get("exp", time.time() + 240))
+        except (TypeError, ValueError):
+            self._access_expires = time.time() + 240
 
 
 # --------------------------------------------------------------- HTTP fetching
@@ -252,7 +283,7 @@ def http_get_image(
     # does not get the backend to fetch Label Studio pages with its token.
     chain_trusted = True
     for _hop in range(limits.max_redirects + 1):
-        parts = urlsplit(current)
+        parts = split_url(current)
         if parts.scheme not in ("http", "https"):
             raise TaskError(
                 "bad_url", f"unsupported URL scheme {_quote(parts.scheme)}: only http and https are fetched"
@@ -295,7 +326,10 @@ def http_get_image(
                 location = resp.headers.get("Location", "").strip()
                 if not location:
                     raise TaskError("bad_url", f"{_safe(current)} answered a redirect without a Location")
-                current = urljoin(current, location)
+                try:
+                    current = urljoin(current, location)
+                except ValueError:
+                    raise TaskError("bad_url", f"{_safe(current)} redirected to a malformed URL") from None
                 continue
             if resp.status_code == 401 and send_credentials and not retried_auth:
                 retried_auth = True  # access token may have expired early: exchange once more
@@ -320,7 +354,10 @@ def http_get_image(
 def _safe(url: str) -> str:
     """URL for messages: no user:password, no query string (it may carry
     signed credentials), and not too long."""
-    p = urlsplit(url)
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        p = urlsplit("")
     text = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}{p.path}" if p.scheme else url
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
     return text if len(text) <= MAX_URL_IN_MESSAGE else text[:MAX_URL_IN_MESSAGE] + "..."
@@ -373,6 +410,7 @@ def fetch_image_bytes(
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise TaskError("bad_url", f"image value is not valid Unicode text: {_quote(value[:200])}") from None
+    split_url(value)  # refuses what urlsplit cannot parse, before anything else looks at it
     if len(value) > 64 * 1024 and not value.startswith(DATA_URI_PREFIX):
         raise TaskError("bad_url", "image URL is longer than 64 KiB")
     scheme = urlsplit(value).scheme.lower() if "://" in value or value.startswith(DATA_URI_PREFIX) else ""
@@ -382,8 +420,8 @@ def fetch_image_bytes(
 
     if not scheme or (scheme in ("http", "https") and same_origin(value, label_studio_url)):
         local = resolve_upload_path(image_dir, value)
-        if local is not None and local.exists():
-            return ImageBytes(data=read_local_file(local, limits.max_bytes), source="local")
+        if local is not None and _exists(local):
+            return ImageBytes(data=read_local_file(local, limits.max_bytes, root=image_dir), source="local")
 
     if not scheme:
         if not value.startswith("/"):
@@ -395,7 +433,7 @@ def fetch_image_bytes(
                 "Label Studio URL is known: set LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) or image_dir",
             )
         value = label_studio_url.rstrip("/") + value
-        scheme = urlsplit(value).scheme
+        scheme = split_url(value).scheme
 
     if scheme in CLOUD_SCHEMES:
         if not label_studio_url or task_id is None:

@@ -26,18 +26,53 @@ UNROUTABLE_NETWORKS = tuple(
 )
 
 
+NAT64_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48"))
+# Most restrictive first: an address that embeds another gets the stricter class.
+_SEVERITY = ("metadata", "unroutable", "loopback", "private", "public")
+
+
+def _embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address routes to: mapped, NAT64, 6to4, Teredo."""
+    found = []
+    if addr.ipv4_mapped:
+        found.append(addr.ipv4_mapped)
+    if any(addr in n for n in NAT64_NETWORKS):
+        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr.sixtofour:
+        found.append(addr.sixtofour)
+    if addr.teredo:
+        found.extend(addr.teredo)
+    return found
+
+
 def classify_address(ip: str) -> str:
-    """'metadata', 'unroutable', 'loopback', 'private' or 'public'."""
+    """'metadata', 'unroutable', 'loopback', 'private' or 'public'.
+
+    IPv6 forms that carry an IPv4 address (::ffff:a.b.c.d, NAT64 64:ff9b::,
+    6to4 2002::/16, Teredo) are classed by that address too, strictest wins,
+    so [64:ff9b::a9fe:a9fe] is the metadata service, not a public host.
+    """
     addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(addr)
+        if addr.ipv4_mapped:
+            return _classify(addr.ipv4_mapped)
+        if any(addr in n for n in NAT64_NETWORKS):  # DNS64 hosts: what counts is the IPv4 behind it
+            return _classify(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+        if embedded:
+            kinds = [_classify(addr)] + [_classify(a) for a in embedded]
+            return min(kinds, key=_SEVERITY.index)
+    return _classify(addr)
+
+
+def _classify(addr) -> str:
     if any(addr in n for n in METADATA_NETWORKS) or addr.is_link_local:
         return "metadata"
     if any(addr in n for n in UNROUTABLE_NETWORKS) or addr.is_multicast or addr.is_unspecified:
         return "unroutable"
     if addr.is_loopback:
         return "loopback"
-    if addr.is_private or addr.is_reserved or (
+    if addr.is_private or addr.is_reserved or getattr(addr, "is_site_local", False) or (
         isinstance(addr, ipaddress.IPv4Address) and addr in ipaddress.ip_network("100.64.0.0/10")
     ):
         return "private"
@@ -93,11 +128,14 @@ class NetworkPolicy:
         parts = urlsplit(url)
         host = parts.hostname or ""
         if not host:
-            raise TaskError("bad_url", f"URL has no host: {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+            raise TaskError("bad_url", f"URL has no host: {url[:200]!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise TaskError("bad_url", f"URL has an invalid port: {parts.netloc[:100]!r}") from None
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
+        except (socket.gaierror, UnicodeError, ValueError) as exc:
             raise TaskError("dns_error", f"cannot resolve host {host!r}: {exc}", retriable=True) from None
         for info in infos:
             self.check_address(host, info[4][0], trusted_host=trusted_host)

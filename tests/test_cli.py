@@ -1,5 +1,6 @@
 """The real CLI: `serve run serve_config.yaml` (through scripts/serve.py, the
-README's `make serve` path) as a subprocess, with the test checkpoint."""
+README's `make serve` path) as a subprocess, with the test checkpoint served
+from a slow URL, so /health is seen answering while the model loads."""
 import io
 import os
 import signal
@@ -11,20 +12,30 @@ import pytest
 import requests
 from PIL import Image
 
+from image_server import ImageServer
 from model_fixtures import RTMDET_TINY, save_random_checkpoint
-from serve_fixtures import free_port, wait_ready
+from serve_fixtures import free_port, wait_ready, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(600)
 
 
 def test_serve_run_cli_predicts_and_stops_cleanly(tmp_path):
-    checkpoint = save_random_checkpoint(RTMDET_TINY, tmp_path / "rtmdet_tiny.pth")
+    (tmp_path / "models").mkdir()
+    save_random_checkpoint(RTMDET_TINY, tmp_path / "models" / "rtmdet_tiny.pth")
+    with ImageServer(tmp_path / "models", latency_s=15) as slow_models:
+        run_cli(tmp_path, f"{slow_models.url}/rtmdet_tiny.pth")
+    # Downloaded once into the cache, under a name derived from the URL.
+    assert len(list((tmp_path / "cache").glob("*-rtmdet_tiny.pth"))) == 1
+
+
+def run_cli(tmp_path, checkpoint):
     upload = tmp_path / "media" / "upload" / "1"
     upload.mkdir(parents=True)
     Image.new("RGB", (64, 48), (10, 200, 30)).save(upload / "a.png")
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT), "LABEL_STUDIO_URL": ""}
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT), "LABEL_STUDIO_URL": "",
+           "MMDET_LS_CHECKPOINT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         [sys.executable, "scripts/serve.py", "serve_config.yaml", "--port", str(port),
          "--set", f"config_file={RTMDET_TINY}", "--set", f"checkpoint_file={checkpoint}",
@@ -34,6 +45,11 @@ def test_serve_run_cli_predicts_and_stops_cleanly(tmp_path):
     url = f"http://127.0.0.1:{port}"
     log = io.StringIO()
     try:
+        # While the detector downloads and loads its checkpoint, /health
+        # already answers within Label Studio's 1 s, and says it is not ready.
+        loading = wait_until(lambda: _health_if_up(url), 240, 0.2, "/health to answer")
+        assert loading["status"] == "UP" and loading["ready"] is False, loading
+        assert loading["model_version"].startswith("rtmdet_tiny_8xb32-300e_coco-") and loading.get("detail")
         try:
             health = wait_ready(url, timeout_s=300)
         except TimeoutError:
@@ -61,3 +77,10 @@ def test_serve_run_cli_predicts_and_stops_cleanly(tmp_path):
     assert proc.returncode is not None
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/health", timeout=2)
+
+
+def _health_if_up(url):
+    try:
+        return requests.get(f"{url}/health", timeout=1).json()
+    except requests.ConnectionError:
+        return None
