@@ -76,10 +76,10 @@ class Detector:
 
     def reconfigure(self, user_config: dict) -> None:
         """Batch settings change at run time, without reloading the model."""
-        self.detect_batch.set_max_batch_size(int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))
-        self.detect_batch.set_batch_wait_timeout_s(
-            float(user_config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
-        )
+        self.max_batch_size = int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
+        self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
+        self.detect_batch.set_max_batch_size(self.max_batch_size)
+        self.detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
 
     def info(self) -> dict:
         return {
@@ -89,8 +89,8 @@ class Detector:
             "classes": list(self.runner.class_names),
             "threads": self.threads,
             "stack_batches": self.stack_batches,
-            "max_batch_size": self.detect_batch.get_max_batch_size(),
-            "batch_wait_timeout_s": self.detect_batch.get_batch_wait_timeout_s(),
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
         }
 
     async def detect(self, image: DecodedImage | TaskFailure) -> Detections | TaskFailure:

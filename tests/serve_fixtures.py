@@ -55,3 +55,50 @@ def stop_serve():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def serve_config_for_test(port: int, args: dict, path=None) -> dict:
+    """The shipped serve_config.yaml with test args and a test port."""
+    from pathlib import Path
+
+    import yaml
+
+    path = path or Path(__file__).resolve().parent.parent / "serve_config.yaml"
+    config = yaml.safe_load(Path(path).read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"].update(args)
+    return config
+
+
+def deploy_config(config: dict, timeout_s: float = 300) -> None:
+    """Deploy a serve config the way `serve deploy` does (declaratively), so
+    later config changes are applied in place: a changed user_config only
+    calls reconfigure() on the running replicas."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config))
+    name = config["applications"][0]["name"]
+
+    def running():
+        app = serve.status().applications.get(name)
+        if app is not None and str(getattr(app.status, "value", app.status)) == "DEPLOY_FAILED":
+            raise AssertionError(app.message)
+        return app is not None and str(getattr(app.status, "value", app.status)) == "RUNNING"
+
+    deadline = time.monotonic() + timeout_s
+    while not running():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {name} not running after {timeout_s}s")
+        time.sleep(0.5)
+
+
+def start_serve_config(config: dict, num_cpus: int = 4) -> str:
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options=config["http_options"])
+    deploy_config(config)
+    return f"http://{config['http_options']['host']}:{config['http_options']['port']}"

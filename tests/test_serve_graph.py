@@ -13,12 +13,13 @@ import requests
 from PIL import Image
 
 from mmdet_ls.model_files import model_version
-from serve_app import AppArgs, build_app
 
 from image_server import ImageServer
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 from toy_detector.scenes import make_scene
-from serve_fixtures import start_serve, stop_serve, wait_ready, wait_until
+from serve_fixtures import (
+    deploy_config, free_port, serve_config_for_test, start_serve_config, stop_serve, wait_ready, wait_until,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -49,19 +50,18 @@ def backend(tmp_path_factory):
     http_root.mkdir()
     for i in range(8):
         (http_root / f"remote{i}.png").write_bytes(png(501 + i, SIZES[1 + i]))
-    args = AppArgs(
-        config_file=str(TOY_CONFIG),
-        checkpoint_file=str(checkpoint),
-        image_dir=str(image_dir),
-        allowed_hosts=["127.0.0.1"],
-        max_batch_size=4,
-        batch_wait_timeout_s=0.05,
-    )
+    # The shipped serve_config.yaml, deployed declaratively as `serve deploy` does.
+    config = serve_config_for_test(free_port(), {
+        "config_file": str(TOY_CONFIG),
+        "checkpoint_file": str(checkpoint),
+        "image_dir": str(image_dir),
+        "allowed_hosts": ["127.0.0.1"],
+    })
     with ImageServer(http_root) as images:
-        url = start_serve(build_app(args))
+        url = start_serve_config(config)
         try:
             wait_ready(url)
-            yield {"url": url, "images": images, "checkpoint": checkpoint, "args": args}
+            yield {"url": url, "images": images, "checkpoint": checkpoint, "config": config}
         finally:
             stop_serve()
 
@@ -197,6 +197,10 @@ def test_webhook_acknowledges_every_event(backend):
 
 
 def test_score_threshold_and_batch_settings_change_live_without_reload(backend):
+    """An operator edits user_config in the serve config and redeploys: the
+    running replicas are reconfigured, the model is not reloaded."""
+    import copy
+
     from ray import serve
 
     url, images = backend["url"], backend["images"]
@@ -204,18 +208,30 @@ def test_score_threshold_and_batch_settings_change_live_without_reload(backend):
     before = detector.info.remote().result()
     tasks = [task(i, f"{images.url}/remote{i}.png") for i in range(8)]
 
-    def regions_at(threshold):
-        args = backend["args"].model_copy(update={"score_threshold": threshold})
-        serve.run(build_app(args), name="mmdet-backend", route_prefix="/")
-        results = predict(url, tasks).json()["results"]
-        return [r for item in results for r in item["result"]]
+    def redeploy(score_threshold, max_batch_size, batch_wait_timeout_s):
+        config = copy.deepcopy(backend["config"])
+        for dep in config["applications"][0]["deployments"]:
+            if dep["name"] == "Postprocess":
+                dep["user_config"] = {"score_threshold": score_threshold}
+            if dep["name"] == "Detector":
+                dep["user_config"] = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+        deploy_config(config)
+        wait_until(lambda: detector.info.remote().result()["max_batch_size"] == max_batch_size, 60, 0.5, "reconfigure")
+        wait_until(lambda: all("error" not in i for i in predict(url, tasks[:1]).json()["results"]), 60, 0.5)
 
-    loose, strict = regions_at(0.05), regions_at(0.9)
-    assert min(r["score"] for r in loose) < 0.9 <= min(r["score"] for r in strict)
-    assert len(strict) < len(loose)
-    args = backend["args"].model_copy(update={"max_batch_size": 8, "batch_wait_timeout_s": 0.02})
-    serve.run(build_app(args), name="mmdet-backend", route_prefix="/")
-    after = detector.info.remote().result()
-    assert after["replica_id"] == before["replica_id"] and after["loaded_at"] == before["loaded_at"]
-    assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (8, 0.02)
-    serve.run(build_app(backend["args"]), name="mmdet-backend", route_prefix="/")
+    def regions():
+        return [r for item in predict(url, tasks).json()["results"] for r in item["result"]]
+
+    try:
+        redeploy(0.05, 8, 0.02)
+        loose = regions()
+        after = detector.info.remote().result()
+        redeploy(0.9, 2, 0.01)
+        strict = regions()
+        assert min(r["score"] for r in loose) < 0.9 <= min(r["score"] for r in strict)
+        assert len(strict) < len(loose)
+        assert (after["max_batch_size"], after["batch_wait_timeout_s"]) == (8, 0.02)
+        final = detector.info.remote().result()
+        assert final["replica_id"] == before["replica_id"] and final["loaded_at"] == before["loaded_at"]
+    finally:
+        deploy_config(backend["config"])
