@@ -30,7 +30,6 @@ import io
 import json
 import re
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from PIL import Image, ImageOps
 from image_server import ImageServer
 from labelstudio_server import LabelStudioClient, LabelStudioServer
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from serve_fixtures import start_serve, stop_serve, wait_ready, wait_until
+from serve_fixtures import start_serve, stop_serve, wait_ready
 from serve_app import AppArgs, build_app
 from toy_detector.scenes import iou, make_scene
 
@@ -58,16 +57,18 @@ LABEL_OF_CLASS = {"car": "Vehicle", "airplane": "Vehicle", "person": "Person"}
 MIN_IOU = 0.8
 
 # Scenes (seed, displayed width, height), held out from the toy detector's
-# training (seeds 0..1999 and 500000..). Chosen so that the toy detector finds
-# every object of each scene as stored here (PNG / JPEG / grayscale) at
-# IoU >= 0.85 with no stray box: the test is about the pipeline, not the model.
+# training (seeds 0..1999 and 500000..); 1-4 objects each, all three classes.
+# Screened once through the service's own decode/detect/postprocess code: the
+# toy detector finds every object of each as stored here (PNG, grayscale PNG,
+# EXIF 6/8 JPEG) at IoU >= 0.92 with no stray box, so a failure here is the
+# pipeline's, not the model's.
 SCENES = {
-    "upload": (1000003, 360, 280),
-    "url": (1000005, 320, 300),
-    "exif": (1000006, 380, 290),
-    "gray": (1000011, 300, 340),
-    "missing": (1000016, 340, 300),  # the 404 task, once its file exists
-    "opened": (1000022, 330, 310),  # imported later, predicted on opening
+    "upload": (1000002, 360, 280),  # car, person, airplane
+    "url": (1000000, 320, 300),  # airplane, car, person
+    "exif": (1000003, 380, 290),  # person, airplane, person
+    "gray": (1000001, 300, 340),  # person, car
+    "missing": (1000002, 340, 300),  # the 404 task, once its file exists: person, car, 2 airplanes
+    "opened": (1000000, 330, 310),  # imported later, predicted on opening: 3 cars
 }
 
 
@@ -345,11 +346,9 @@ def same_machine(ls, images, backend):
                       {"p1-url.png": scene_png("url"), "p1-missing.png": None}, images)
     project.connect(backend["proxy"].url, backend["model_version"])
     mark = backend["proxy"].mark()
-    started = time.monotonic()
     answer = project.retrieve()
-    seconds = time.monotonic() - started
     return {"project": project, "answer": answer, "calls": backend["proxy"].predict_calls(mark),
-            "seconds": seconds, "missing": project.url_tasks["p1-missing.png"]}
+            "missing": project.url_tasks["p1-missing.png"]}
 
 
 def test_retrieve_predictions_reads_uploads_from_image_dir(ls, backend, same_machine):
@@ -454,8 +453,8 @@ def test_downloads_uploads_with_personal_access_token_when_legacy_tokens_are_off
         assert {t for t, r in results.items() if "result" not in r} == uploads
         assert {results[t]["error_reason"] for t in uploads} == {"http_401"}
         assert all(project.predictions(t) == [] for t in uploads)
-        assert_prediction_matches(project.predictions(url_task)[0], project.expected[url_task],
-                                  backend["model_version"])
+        (stored,) = project.predictions(url_task)  # image URLs need no token
+        assert_prediction_matches(stored, project.expected[url_task], backend["model_version"])
 
         # The operator sets the PAT: the failed uploads are predicted on the next retrieve.
         backend["deploy"](image_dir=backend["empty_dir"], label_studio_url=ls.url, label_studio_api_key=ls.pat)
