@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,9 @@ logger = logging.getLogger("ray.serve")
 
 LOADER_MAX_ONGOING_REQUESTS = 64
 MAX_AUTH_ENTRIES = 64  # (Label Studio URL, key) pairs kept; /setup can bring any number
+# Images decoded at once per replica. Downloads wait on the network and may
+# all run together; a decode of a 89 MP image needs ~0.5 GB, so only a few.
+MAX_CONCURRENT_DECODES = 4
 
 
 def task_label(task_id) -> str:
@@ -63,6 +67,7 @@ class ImageLoader:
         # server holds its own thread (up to total_timeout_s), never the ones
         # other images need. (asyncio's default pool has cpu_count + 4.)
         self._pool = ThreadPoolExecutor(max_workers=LOADER_MAX_ONGOING_REQUESTS, thread_name_prefix="image-load")
+        self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
 
     def _auth_for(self, url: str | None, key: str | None) -> LabelStudioAuth | None:
         if not url or not key:
@@ -92,7 +97,8 @@ class ImageLoader:
             )
             content_type = fetched.content_type
             fetched_at = time.perf_counter()
-            image = decode_image(fetched.data, max_pixels=self.max_image_pixels)
+            with self._decode_slots:
+                image = decode_image(fetched.data, max_pixels=self.max_image_pixels)
         except TaskError as exc:
             failure = exc.failure
         except ImageDecodeError as exc:

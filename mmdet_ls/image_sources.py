@@ -127,20 +127,24 @@ def read_local_file(path: Path, max_bytes: int, root: Path | str | None = None) 
         raise TaskError("not_found", f"upload not found on this machine: {_quote(path.name)}") from None
     except OSError as exc:  # ELOOP: the last component became a symlink; EACCES, ...
         raise TaskError("forbidden_path", f"upload {_quote(path.name)} cannot be opened: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         if root is not None and os.path.isdir("/proc/self/fd"):
             try:
-                real = Path(os.readlink(f"/proc/self/fd/{f.fileno()}"))
+                real = Path(os.readlink(f"/proc/self/fd/{fd}"))
             except OSError:
                 real = None
             resolved_root = Path(root).resolve()
-            if real is not None and resolved_root not in real.parents:
+            if real is not None and real != resolved_root and resolved_root not in real.parents:
                 raise TaskError("forbidden_path", f"upload {_quote(path.name)} resolves outside the upload folder")
-        st = os.fstat(f.fileno())
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise TaskError("forbidden_path", f"upload {_quote(path.name)} is not a regular file")
         if st.st_size > max_bytes:
             raise TaskError("too_large", f"image file is {st.st_size} bytes; at most {max_bytes} allowed")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise TaskError("too_large", f"image file is larger than {max_bytes} bytes")
@@ -318,7 +322,7 @@ def http_get_image(
             raise TaskError(
                 "connection_error", f"cannot connect to {_safe(current)}: {type(exc).__name__}", retriable=True
             ) from None
-        except requests.RequestException as exc:
+        except (requests.RequestException, ValueError) as exc:  # ValueError: http.client's InvalidURL, ...
             raise TaskError("bad_url", f"cannot fetch {_safe(current)}: {type(exc).__name__}") from None
         with resp:
             _check_peer(resp, policy, parts.hostname or "", trusted)
@@ -364,11 +368,11 @@ def _safe(url: str) -> str:
 
 
 def check_url_text(url: str) -> None:
-    """Refuse URLs no well-behaved client sends: control characters or
-    spaces (header injection, request smuggling) and text that is not
-    valid Unicode."""
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
-        raise TaskError("bad_url", f"URL contains spaces or control characters: {_quote(url)}")
+    """Refuse URLs no well-behaved client sends: control characters (header
+    injection, request smuggling) and text that is not valid Unicode.
+    (Spaces are fine: requests percent-encodes them, as browsers do.)"""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise TaskError("bad_url", f"URL contains control characters: {_quote(url)}")
     try:
         url.encode("utf-8")
     except UnicodeEncodeError:

@@ -1,0 +1,240 @@
+"""Fuzz /predict and /setup of the running service with hypothesis.
+
+Property: whatever the body, the answer is never a 500 and no replica logs
+an unhandled exception; a 200 from /predict has one well-formed item per
+task, in order. Image values only ever name 127.0.0.1 or carry no scheme,
+so no traffic leaves the machine.
+"""
+import base64
+import io
+import json
+import string
+from pathlib import Path
+
+import pytest
+import requests
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import serve_app
+from deployments.image_loader import ImageLoader
+from serve_app import AppArgs, build_app
+
+from image_server import ImageServer
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from serve_fixtures import start_serve, stop_serve, wait_ready
+
+pytestmark = pytest.mark.timeout(900)
+
+LABEL_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<RectangleLabels name="label" toName="image"><Label value="Vehicle" predicted_values="car,airplane"/>'
+    '<Label value="Person" predicted_values="person"/></RectangleLabels></View>'
+)
+TWO_IMAGES = (
+    '<View><Image name="a" value="$image"/><Image name="b" value="$img"/>'
+    '<RectangleLabels name="la" toName="a" model_score_threshold="0.3"><Label value="Person" predicted_values="person"/>'
+    '</RectangleLabels><RectangleLabels name="lb" toName="b"><Label value="Car" predicted_values="car"/>'
+    "</RectangleLabels></View>"
+)
+FUZZ_LIMITS = {"connect_timeout_s": 1, "read_timeout_s": 1, "total_timeout_s": 2, "max_bytes": 4 << 20,
+               "max_redirects": 3}
+SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+STATE: dict = {}
+
+
+def _jpeg(size=(96, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (30, 140, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+class _LoaderWithLimits:
+    def bind(self, *args, **kwargs):
+        return ImageLoader.bind(*args, limits=FUZZ_LIMITS, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzz")
+    image_dir = tmp / "media" / "upload"
+    (image_dir / "1").mkdir(parents=True)
+    (image_dir / "1" / "a.jpg").write_bytes(_jpeg())
+    web = tmp / "web"
+    web.mkdir()
+    (web / "a.jpg").write_bytes(_jpeg((64, 80)))
+    (web / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    with ImageServer(web) as images:
+        args = AppArgs(config_file=str(TOY_CONFIG), checkpoint_file=str(TOY_CHECKPOINT), image_dir=str(image_dir),
+                       allowed_hosts=["127.0.0.1"], max_batch_size=4, batch_wait_timeout_s=0.02)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(serve_app, "ImageLoader", _LoaderWithLimits())
+            app = build_app(args)
+        url = start_serve(app)
+        try:
+            wait_ready(url)
+            STATE.update(url=url, images=images)
+            yield STATE
+        finally:
+            stop_serve()
+
+
+# ------------------------------------------------------------------ strategies
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+)
+json_values = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+
+
+def interesting_images():
+    base = "http://127.0.0.1:{port}"
+    return [
+        "{base}/a.jpg", "{base}/status/404", "{base}/status/500", "{base}/html", "{base}/redirect-loop",
+        "{base}/noise.png", "{base}/huge-declared", "{base}/redirect-to/http://169.254.169.254/",
+        "/data/upload/1/a.jpg", "/data/upload/../../etc/passwd", "/data/upload/1/missing.jpg",
+        "/data/upload/%2e%2e/x", "/data/upload/", "ftp://127.0.0.1/a.jpg", "file:///etc/passwd",
+        "data:image/jpeg;base64," + base64.b64encode(_jpeg((40, 30))).decode(), "data:image/png;base64,!!!",
+        "data:,x", "s3://bucket/key.jpg", "gs://b/k", "http://127.0.0.1:1/closed.jpg", "http://127.0.0.1:99999/x",
+        "http://[::1/x", "http://", "http:///x", "//127.0.0.1/x", "http://127.0.0.1/\x00", "\t /data/upload/1/a.jpg \n",
+        "http://user:pass@127.0.0.1:{port}/a.jpg?token=secret#frag", "HTTP://127.0.0.1:{port}/A.JPG",
+    ]
+
+
+def _local(value: str) -> str:
+    port = STATE["images"].port
+    return value.replace("{base}", f"http://127.0.0.1:{port}").replace("{port}", str(port))
+
+
+no_scheme_text = st.text(alphabet=st.characters(blacklist_characters=":", blacklist_categories=("Cs",)),
+                         max_size=40)
+image_values = st.one_of(
+    st.sampled_from(interesting_images()).map(_local),
+    no_scheme_text,
+    no_scheme_text.map(lambda s: "/data/upload/" + s),
+    json_values,
+)
+tasks_strategy = st.lists(
+    st.one_of(
+        st.fixed_dictionaries(
+            {"data": st.one_of(st.dictionaries(st.sampled_from(["image", "img", "text"]), image_values, max_size=3),
+                               json_values)},
+            optional={"id": json_values, "meta": json_values, "annotations": json_values, "predictions": json_values},
+        ),
+        json_values,
+    ),
+    max_size=6,
+)
+xml_fragments = st.lists(
+    st.sampled_from(["<View>", "</View>", '<Image name="image" value="$image"/>', '<Image name="i" value="image"/>',
+                     '<RectangleLabels name="label" toName="image">', "</RectangleLabels>", '<Label value="Person"/>',
+                     '<Label value=""/>', '<RectangleLabels name="x" toName="nope">', "<!DOCTYPE x>", "&lt;", "&x;",
+                     '<RectangleLabels name="l" toName="image" model_score_threshold="2">', "<", ">"]),
+    max_size=8,
+).map("".join)
+label_configs = st.one_of(st.just(LABEL_CONFIG), st.just(TWO_IMAGES), xml_fragments, st.text(max_size=40),
+                          json_values)
+# Well-formed tasks whose image values are fuzzed: these reach the loader and the model.
+image_tasks = st.lists(
+    st.builds(lambda v, w, i: {"id": i, "data": {"image": v, "img": w}}, image_values, image_values,
+              st.one_of(st.integers(0, 10**6), json_values)),
+    min_size=1, max_size=6,
+)
+usable_configs = st.sampled_from([LABEL_CONFIG, TWO_IMAGES])
+predict_bodies = st.one_of(
+    st.fixed_dictionaries({}, optional={"tasks": st.one_of(tasks_strategy, json_values),
+                                        "label_config": label_configs,
+                                        "project": st.one_of(st.sampled_from(["1.1", "2", "1", ""]), json_values),
+                                        "params": json_values}),
+    st.fixed_dictionaries({"tasks": tasks_strategy, "label_config": usable_configs}),
+    st.fixed_dictionaries({"tasks": image_tasks, "label_config": usable_configs}),
+    st.fixed_dictionaries({"tasks": image_tasks, "label_config": usable_configs, "project": st.just("1.1")}),
+    json_values,
+)
+hostnames = st.one_of(st.sampled_from(["", "not a url", "ftp://127.0.0.1", "http://127.0.0.1:1", "http://[::1"]),
+                      st.builds(lambda: f"http://127.0.0.1:{STATE['images'].port}"),
+                      st.text(alphabet=string.ascii_letters + "/.", max_size=20), json_values)
+setup_bodies = st.one_of(
+    st.fixed_dictionaries({}, optional={"project": st.one_of(st.sampled_from(["1.1", "2", "1"]), json_values),
+                                        "schema": label_configs, "hostname": hostnames,
+                                        "access_token": json_values, "model_version": json_values,
+                                        "extra_params": json_values}),
+    json_values,
+)
+
+
+def check_predict_answer(body, resp):
+    assert resp.status_code != 500, (body, resp.text[:500])
+    assert resp.status_code in (200, 400, 413), (resp.status_code, resp.text[:500])
+    answer = resp.json()
+    event(f"HTTP {resp.status_code}")
+    if resp.status_code != 200:
+        assert answer["status"] == "error" and isinstance(answer["error"], str)
+        return
+    results = answer["results"]
+    assert isinstance(body, dict) and isinstance(body.get("tasks"), list)
+    assert len(results) == len(body["tasks"])
+    for item in results:
+        event(f"task: {item.get('error_reason', 'predicted')}")  # what the run covered (--hypothesis-show-statistics)
+        if "result" in item:
+            assert "error" not in item and isinstance(item["result"], list)
+            for region in item["result"]:
+                v = region["value"]
+                assert 0 <= v["x"] <= 100 and 0 <= v["y"] <= 100 and 0 <= region["score"] <= 1
+        else:
+            assert set(item) == {"error", "error_reason", "retriable", "model_version"}, item
+
+
+def post(path, data: bytes):
+    return requests.post(f"{STATE['url']}{path}", data=data, headers={"Content-Type": "application/json"},
+                         timeout=60)
+
+
+# ------------------------------------------------------------------ properties
+@settings(max_examples=200, **SETTINGS)
+@given(body=predict_bodies)
+def test_fuzz_predict_never_500(svc, body):
+    resp = post("/predict", json.dumps(body).encode())
+    check_predict_answer(body, resp)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(body=setup_bodies)
+def test_fuzz_setup_never_500(svc, body):
+    resp = post("/setup", json.dumps(body).encode())
+    assert resp.status_code in (200, 400), (body, resp.status_code, resp.text[:300])
+    answer = resp.json()
+    assert set(answer) == {"model_version"} if resp.status_code == 200 else answer["status"] == "error"
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(raw=st.one_of(st.binary(max_size=300),
+                     st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")),
+                     predict_bodies.map(lambda b: json.dumps(b).encode()[: len(json.dumps(b)) // 2])))
+def test_fuzz_raw_bodies_never_500(svc, raw):
+    for path in ("/predict", "/setup", "/webhook"):
+        resp = post(path, raw)
+        assert resp.status_code in (200, 400), (path, raw[:100], resp.status_code, resp.text[:300])
+
+
+def test_service_still_healthy_and_no_unhandled_exception_logged(svc):
+    import ray
+
+    assert requests.get(f"{svc['url']}/health", timeout=2).json()["ready"] is True
+    body = {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.jpg"}}], "label_config": LABEL_CONFIG}
+    item = post("/predict", json.dumps(body).encode()).json()["results"][0]
+    assert "result" in item, item
+    node = getattr(ray._private.worker.global_worker, "node", None) or ray._private.worker._global_node
+    serve_logs = Path(node.get_session_dir_path()) / "logs" / "serve"
+    replica_logs = list(serve_logs.glob("replica_*.log"))
+    assert replica_logs
+    for log in replica_logs:
+        text = log.read_text(errors="replace")
+        assert "Traceback" not in text, f"{log.name}: {text[text.index('Traceback') - 300:][:1500]}"
+        assert "unexpected error loading image" not in text, log.name
