@@ -58,8 +58,15 @@ class AppArgs(BaseModel):
     max_inflight_images: int = Field(64, ge=1)
     allow_private_networks: bool = False
     allowed_hosts: list[str] = Field(default_factory=list)
+    # Image fetching limits (per image).
+    fetch_connect_timeout_s: float = Field(5.0, gt=0)
+    fetch_read_timeout_s: float = Field(15.0, gt=0)
+    fetch_total_timeout_s: float = Field(30.0, gt=0)
+    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(100_000_000, ge=1)
     basic_auth_user: Optional[str] = None
     basic_auth_pass: Optional[str] = Field(None, repr=False)
+    health_requires_auth: bool = False
 
     @field_validator("device")
     @classmethod
@@ -84,9 +91,16 @@ def build_app(args: AppArgs) -> Application:
 
     loader = ImageLoader.bind(
         image_dir=args.resolved_image_dir(),
+        limits={
+            "connect_timeout_s": args.fetch_connect_timeout_s,
+            "read_timeout_s": args.fetch_read_timeout_s,
+            "total_timeout_s": args.fetch_total_timeout_s,
+            "max_bytes": args.max_image_bytes,
+        },
         allow_private_networks=args.allow_private_networks,
         # The Label Studio host is always allowed, wherever it lives.
         allowed_hosts=list(args.allowed_hosts),
+        max_image_pixels=args.max_image_pixels,
     )
     detector = Detector.options(
         max_ongoing_requests=max(16, 2 * max_batch_size),
@@ -112,4 +126,5 @@ def build_app(args: AppArgs) -> Application:
         max_inflight_images=args.max_inflight_images,
         basic_auth_user=args.basic_auth_user or _env("BASIC_AUTH_USER"),
         basic_auth_pass=args.basic_auth_pass or _env("BASIC_AUTH_PASS"),
+        health_requires_auth=args.health_requires_auth,
     )

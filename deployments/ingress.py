@@ -298,7 +298,8 @@ class LabelStudioIngress:
                 health["warning"] = "detector replicas are pending for resources (e.g. no node with a free GPU)"
                 logger.warning("Detector replicas pending for resources: %s", detector.message)
         elif not running:
-            health["detail"] = "detector replicas are starting (loading the model)"
+            # Ray names unschedulable replicas only after 30 s; until then either may be true.
+            health["detail"] = "detector replicas are starting: loading the model, or waiting for resources"
         return health
 
     def _ensure_health_task(self) -> None:
