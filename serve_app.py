@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve import Application
 
-from deployments.detector import DEFAULT_BATCH_WAIT_TIMEOUT_S, Detector
+from deployments.detector import Detector
 from deployments.image_loader import ImageLoader
 from deployments.ingress import LabelStudioIngress
 from deployments.postprocess import Postprocess
@@ -29,6 +29,9 @@ DEFAULT_CHECKPOINT = (
 # per image than single images, so the CPU "batch" is a small queue drained
 # one image at a time; on a GPU one call for many images is the throughput.
 BATCH_DEFAULTS = {"cpu": 4, "cuda": 16}
+# On the CPU a batch's images run one by one, so waiting for company only
+# adds latency; batches still form from requests queued while the model runs.
+BATCH_WAIT_DEFAULTS = {"cpu": 0.0, "cuda": 0.01}
 
 
 def _env(*names: str) -> Optional[str]:
@@ -50,7 +53,7 @@ class AppArgs(BaseModel):
     label_studio_url: Optional[str] = None
     label_studio_api_key: Optional[str] = Field(None, repr=False)
     max_batch_size: Optional[int] = Field(None, ge=1, le=512)
-    batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0.0, le=10.0)
+    batch_wait_timeout_s: Optional[float] = Field(None, ge=0.0, le=10.0)  # default per device
     stack_batches: Optional[bool] = None  # default: True on GPU, False on CPU
     torch_threads: Optional[int] = Field(None, ge=1)
     predict_timeout_s: float = Field(90.0, gt=0, le=100.0)  # Label Studio gives up at 100 s
@@ -86,6 +89,9 @@ def build_app(args: AppArgs) -> Application:
         args = AppArgs(**args)
     device_kind = "cpu" if parse_device(args.device) == "cpu" else "cuda"
     max_batch_size = args.max_batch_size or BATCH_DEFAULTS[device_kind]
+    batch_wait_timeout_s = (
+        BATCH_WAIT_DEFAULTS[device_kind] if args.batch_wait_timeout_s is None else args.batch_wait_timeout_s
+    )
     label_studio_url = args.resolved_label_studio_url()
     api_key = args.label_studio_api_key or _env("LABEL_STUDIO_API_KEY")
 
@@ -104,7 +110,7 @@ def build_app(args: AppArgs) -> Application:
     )
     detector = Detector.options(
         max_ongoing_requests=max(16, 2 * max_batch_size),
-        user_config={"max_batch_size": max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+        user_config={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s},
     ).bind(
         config_file=args.config_file,
         checkpoint_file=args.checkpoint_file,

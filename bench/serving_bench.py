@@ -269,7 +269,7 @@ def main() -> None:
     p.add_argument("--raw-floor", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config"), p.add_argument("--checkpoint"), p.add_argument("--images", nargs="*")
     p.add_argument("--batch-sizes", default="1,2,4,8")
-    p.add_argument("--models", default="rtmdet-tiny,faster-rcnn")
+    p.add_argument("--models", default="rtmdet-tiny,faster-rcnn", help="comma list, or none (no-op overhead only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quick", action="store_true", help="fewer points, for a smoke run")
@@ -291,7 +291,7 @@ def main() -> None:
         names = make_images(image_dir)
         paths = [str(image_dir / n) for n in names]
         with ImageServer(image_dir) as fast, ImageServer(image_dir, latency_s=0.1) as slow:
-            for name in opts.models.split(","):
+            for name in [m for m in opts.models.split(",") if m and m != "none"]:
                 config = MODELS[name]
                 if name == "toy":
                     checkpoint = str(TOY_CHECKPOINT)
@@ -322,7 +322,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"{stamp}-{opts.device}.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / f"{stamp}-{opts.device}.png")
+    if results["models"]:
+        plot(results, out / f"{stamp}-{opts.device}.png")
     print_table(results)
     print(f"\nwrote {out / f'{stamp}-{opts.device}.json'} and .png")
 
