@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, Field, field_validator
-from ray import serve
 from ray.serve import Application
 
 from deployments.detector import Detector

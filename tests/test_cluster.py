@@ -375,8 +375,8 @@ def test_detectors_only_on_the_gpu_node_loaders_on_both_proxy_on_head(deployed):
     assert detectors and {r["node_id"] for r in detectors} == {cluster.gpu_node_id}
     assert {r["node_id"] for r in cluster.replicas("ImageLoader")} == {cluster.head_id, cluster.gpu_node_id}
     # The same from Ray's state API: the actors themselves, and their GPU share.
-    actors = cluster.api(f"/api/v0/actors?limit=1000&detail=1&filter_keys=state&filter_predicates=%3D"
-                         f"&filter_values=ALIVE")["data"]["result"]["result"]
+    actors = cluster.api("/api/v0/actors?limit=1000&detail=1&filter_keys=state&filter_predicates=%3D"
+                         "&filter_values=ALIVE")["data"]["result"]["result"]
     detector_actors = [a for a in actors if a["class_name"] == f"ServeReplica:{APP}:Detector"]
     assert detector_actors and {a["node_id"] for a in detector_actors} == {cluster.gpu_node_id}
     assert all(a["required_resources"].get("GPU") == 0.5 for a in detector_actors), detector_actors

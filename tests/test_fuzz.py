@@ -17,8 +17,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import serve_app
-from deployments.image_loader import ImageLoader
 from serve_app import AppArgs, build_app
 
 from image_server import ImageServer
@@ -38,8 +36,8 @@ TWO_IMAGES = (
     '</RectangleLabels><RectangleLabels name="lb" toName="b"><Label value="Car" predicted_values="car"/>'
     "</RectangleLabels></View>"
 )
-FUZZ_LIMITS = {"connect_timeout_s": 1, "read_timeout_s": 1, "total_timeout_s": 2, "max_bytes": 4 << 20,
-               "max_redirects": 3}
+FUZZ_LIMITS = {"fetch_connect_timeout_s": 1, "fetch_read_timeout_s": 1, "fetch_total_timeout_s": 2,
+               "max_image_bytes": 4 << 20}
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 STATE: dict = {}
@@ -49,11 +47,6 @@ def _jpeg(size=(96, 64)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (30, 140, 200)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-class _LoaderWithLimits:
-    def bind(self, *args, **kwargs):
-        return ImageLoader.bind(*args, limits=FUZZ_LIMITS, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +61,8 @@ def svc(tmp_path_factory):
     (web / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     with ImageServer(web) as images:
         args = AppArgs(config_file=str(TOY_CONFIG), checkpoint_file=str(TOY_CHECKPOINT), image_dir=str(image_dir),
-                       allowed_hosts=["127.0.0.1"], max_batch_size=4, batch_wait_timeout_s=0.02)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(serve_app, "ImageLoader", _LoaderWithLimits())
-            app = build_app(args)
-        url = start_serve(app)
+                       allowed_hosts=["127.0.0.1"], max_batch_size=4, batch_wait_timeout_s=0.02, **FUZZ_LIMITS)
+        url = start_serve(build_app(args))
         try:
             wait_ready(url)
             STATE.update(url=url, images=images)
@@ -94,7 +84,6 @@ json_values = st.recursive(
 
 
 def interesting_images():
-    base = "http://127.0.0.1:{port}"
     return [
         "{base}/a.jpg", "{base}/status/404", "{base}/status/500", "{base}/html", "{base}/redirect-loop",
         "{base}/noise.png", "{base}/huge-declared", "{base}/redirect-to/http://169.254.169.254/",

@@ -23,7 +23,6 @@ import requests
 from PIL import Image
 
 import serve_app
-from deployments.image_loader import ImageLoader
 from deployments.ingress import LabelStudioIngress
 from serve_app import AppArgs, build_app
 
@@ -45,8 +44,9 @@ SETUP_TOKEN = "ls-setup-token-b81f04aa"  # what /setup hands over
 AUTH_USER, AUTH_PASS = "labeler", "basic-pass-5c1e9d"
 AUTH = (AUTH_USER, AUTH_PASS)
 CANARY = "CANARY-0c9f5b7e-this-must-never-be-read"
-FETCH_LIMITS = {"connect_timeout_s": 2, "read_timeout_s": 2, "total_timeout_s": 3, "max_bytes": 16 << 20,
-                "max_redirects": 5}
+# Short fetch limits, set the way an operator would (AppArgs in serve_config).
+FETCH_LIMITS = {"fetch_connect_timeout_s": 2, "fetch_read_timeout_s": 2, "fetch_total_timeout_s": 3,
+                "max_image_bytes": 16 << 20}
 BODY_TIMEOUT_S = 2.0
 NOT_AN_IMAGE = "data is not an image in a supported format (JPEG, PNG, GIF, BMP, TIFF, WebP, AVIF, ICO)"
 RESPONSES: list[str] = []  # every response body of the module, searched for secrets at the end
@@ -71,13 +71,6 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-class _LoaderWithLimits:
-    """build_app binds ImageLoader without fetch limits; tests want short ones."""
-
-    def bind(self, *args, **kwargs):
-        return ImageLoader.bind(*args, limits=FETCH_LIMITS, **kwargs)
-
-
 class _IngressWith:
     def __init__(self, **extra):
         self.extra = extra
@@ -88,7 +81,6 @@ class _IngressWith:
 
 def build(args: AppArgs, **ingress_extra):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(serve_app, "ImageLoader", _LoaderWithLimits())
         mp.setattr(serve_app, "LabelStudioIngress", _IngressWith(body_timeout_s=BODY_TIMEOUT_S, **ingress_extra))
         return build_app(args)
 
@@ -145,6 +137,7 @@ def svc(tmp_path_factory):
             batch_wait_timeout_s=0.02,
             basic_auth_user=AUTH_USER,
             basic_auth_pass=AUTH_PASS,
+            **FETCH_LIMITS,
         )
         url = start_serve(build(args))
         try:

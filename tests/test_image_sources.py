@@ -6,7 +6,7 @@ import requests
 from PIL import Image
 
 from mmdet_ls.failures import TaskError
-from mmdet_ls.image_sources import FetchLimits, fetch_image_bytes, resolve_upload_path
+from mmdet_ls.image_sources import FetchLimits, fetch_image_bytes
 from mmdet_ls.network_policy import NetworkPolicy, classify_address
 
 from image_server import ImageServer

@@ -6,11 +6,9 @@ the normal config_file/checkpoint_file path, so regions are real detections.
 import concurrent.futures as cf
 import io
 import re
-import time
 
 import pytest
 import requests
-from PIL import Image
 
 from mmdet_ls.model_files import model_version
 
@@ -163,9 +161,8 @@ def test_batches_larger_than_one_form_under_concurrent_load(backend):
         return (buckets, count) if count >= 1 else None
 
     buckets, count = wait_until(batch_histogram, 60, 1, "batch size metrics")
-    images_in_batches = wait_until(lambda: _metric_sum(url, "ray_mmdet_ls_model_batch_size_sum"), 30)
+    # Cumulative buckets: fewer batches of size <= 1 than batches in all.
     assert buckets[1.0] < count, f"every batch had one image: {buckets}"
-    assert images_in_batches / count > 1.0
 
 
 def _metric_sum(url, name):
