@@ -7,7 +7,6 @@ ingress queue limit are checked the same way. No traffic leaves 127.0.0.1.
 """
 import asyncio
 import concurrent.futures as cf
-import io
 import os
 import signal
 import threading
@@ -26,7 +25,7 @@ from serve_app import AppArgs, build_app
 from image_server import ImageServer
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 from serve_fixtures import start_serve, stop_serve, wait_ready, wait_until
-from toy_detector.scenes import make_scene
+from toy_detector.scenes import make_scene, scene_png
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,19 +39,13 @@ LABEL_CONFIG = (
 RECOVERY_S = 60
 
 
-def png(seed, size=(320, 240)) -> bytes:
-    buf = io.BytesIO()
-    make_scene(seed, *size)[0].save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     root = tmp / "web"
     root.mkdir()
     for i in range(24):
-        (root / f"img{i}.png").write_bytes(png(800 + i, (300 + 4 * i, 240)))
+        (root / f"img{i}.png").write_bytes(scene_png(800 + i, (300 + 4 * i, 240)))
     args = AppArgs(
         config_file=str(TOY_CONFIG),
         checkpoint_file=str(TOY_CHECKPOINT),

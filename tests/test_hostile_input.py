@@ -29,7 +29,7 @@ from serve_app import AppArgs, build_app
 from image_server import ImageServer
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 from serve_fixtures import start_serve, stop_serve, wait_ready
-from toy_detector.scenes import make_scene
+from toy_detector.scenes import make_scene, scene_png
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -56,10 +56,6 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
     return buf.getvalue()
-
-
-def scene_png(seed: int, size=(320, 240)) -> bytes:
-    return encode(make_scene(seed, *size)[0], "PNG")
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -4,7 +4,6 @@ the normal config_file/checkpoint_file path, so regions are real detections.
 (Box geometry against ground truth: test_geometry.py.)
 """
 import concurrent.futures as cf
-import io
 import re
 
 import pytest
@@ -14,7 +13,7 @@ from mmdet_ls.model_files import model_version
 
 from image_server import ImageServer
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from toy_detector.scenes import make_scene
+from toy_detector.scenes import scene_png
 from serve_fixtures import (
     deploy_config, free_port, serve_config_for_test, start_serve_config, stop_serve, wait_ready, wait_until,
 )
@@ -31,23 +30,17 @@ LABELS = {"Vehicle", "Person"}
 SIZES = [(320, 240)] + [(300 + 20 * i, 260 + 10 * i) for i in range(8)]
 
 
-def png(seed, size) -> bytes:
-    buf = io.BytesIO()
-    make_scene(seed, *size)[0].save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("graph")
     checkpoint = TOY_CHECKPOINT
     image_dir = tmp / "media" / "upload"
     (image_dir / "1").mkdir(parents=True)
-    (image_dir / "1" / "c36a2d98-upload1.png").write_bytes(png(500, SIZES[0]))
+    (image_dir / "1" / "c36a2d98-upload1.png").write_bytes(scene_png(500, SIZES[0]))
     http_root = tmp / "http"
     http_root.mkdir()
     for i in range(8):
-        (http_root / f"remote{i}.png").write_bytes(png(501 + i, SIZES[1 + i]))
+        (http_root / f"remote{i}.png").write_bytes(scene_png(501 + i, SIZES[1 + i]))
     # The shipped serve_config.yaml, deployed declaratively as `serve deploy` does.
     config = serve_config_for_test(free_port(), {
         "config_file": str(TOY_CONFIG),

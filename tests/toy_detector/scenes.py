@@ -401,3 +401,12 @@ if __name__ == '__main__':  # quick look: python scenes.py OUT_DIR [N]
     out = sys.argv[1] if len(sys.argv) > 1 else 'toy_scenes_preview'
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     print(write_coco_dataset(out, n, 0))
+
+
+def scene_png(seed: int, size=(320, 240)) -> bytes:
+    """A scene of `size` (width, height) encoded as PNG, for serving in tests."""
+    import io
+
+    buf = io.BytesIO()
+    make_scene(seed, *size)[0].save(buf, 'PNG')
+    return buf.getvalue()
