@@ -17,7 +17,6 @@ then SIGKILL to whatever is left in their sessions. Never `ray stop`.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import io
 import json
 import os
 import random
@@ -35,7 +34,9 @@ import requests
 import yaml
 
 from model_fixtures import RTMDET_TINY, TOY_CHECKPOINT, TOY_CONFIG, save_random_checkpoint
+from package_fixtures import PIP, build_project_wheel
 from serve_fixtures import free_port, wait_until
+from toy_detector.scenes import scene_png
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIG = ROOT / "serve_config.cluster.yaml"
@@ -201,28 +202,11 @@ class LocalCluster:
 # --------------------------------------------------------------- fixtures
 def _build_wheel_site(tmp: Path) -> Path:
     """`pip wheel .` from a copy of the project, installed into a target dir."""
-    src = tmp / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "serve_app.py"):
-        shutil.copy2(ROOT / name, src / name)
-    for package in ("deployments", "mmdet_ls"):
-        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "wheel"), str(src)],
-                   check=True, timeout=300)
+    wheel = build_project_wheel(tmp)
     site = tmp / "site"
-    wheel = next((tmp / "wheel").glob("*.whl"))
-    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
+    subprocess.run([*PIP, "install", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
                    check=True, timeout=300)
     return site
-
-
-def _scene_png(seed: int, size=(320, 240)) -> bytes:
-    from toy_detector.scenes import make_scene
-
-    buf = io.BytesIO()
-    make_scene(seed, *size)[0].save(buf, "PNG")
-    return buf.getvalue()
 
 
 def tiny_config(cluster: LocalCluster, model: dict, image_dir: Path) -> dict:
@@ -272,7 +256,7 @@ def env(tmp_path_factory):
     image_dir = tmp / "upload"
     (image_dir / "1").mkdir(parents=True)
     for seed in range(4):
-        (image_dir / "1" / f"scene{seed}.png").write_bytes(_scene_png(700 + seed))
+        (image_dir / "1" / f"scene{seed}.png").write_bytes(scene_png(700 + seed))
     if TOY_CHECKPOINT.is_file():
         model = {"config_file": str(TOY_CONFIG), "checkpoint_file": str(TOY_CHECKPOINT), "finds_boxes": True}
     else:  # a random RTMDet finds nothing, but runs the same code

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -30,6 +27,8 @@ from ray.serve.schema import (
 )
 
 from serve_app import AppArgs
+
+from package_fixtures import build_project_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIG = ROOT / "serve_config.cluster.yaml"
@@ -249,15 +248,7 @@ def test_dockerfile_uses_the_pinned_ray_and_installs_the_package():
 # ------------------------------------------------------------ packaging
 @pytest.mark.timeout(300)
 def test_pip_wheel_holds_the_whole_app_and_never_pulls_mmcv(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "serve_app.py"):
-        shutil.copy2(ROOT / name, src / name)
-    for package in ("deployments", "mmdet_ls"):
-        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "wheel", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(src)], check=True, timeout=300)
-    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    wheel = build_project_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
