@@ -9,13 +9,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application
 
 from deployments.detector import Detector
 from deployments.image_loader import ImageLoader
 from deployments.ingress import LabelStudioIngress
 from deployments.postprocess import Postprocess
+from mmdet_ls.credentials import basic_auth_setting, operator_access
 from mmdet_ls.image_sources import default_image_dir
 from mmdet_ls.model_files import model_version, parse_device
 
@@ -40,17 +41,29 @@ def _env(*names: str) -> Optional[str]:
     return None
 
 
+SECRET_ARGS = {
+    "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+    "basic_auth_pass": "BASIC_AUTH_PASS",
+}
+
+
 class AppArgs(BaseModel):
-    """Everything the original backend took, plus serving knobs."""
+    """Everything the original backend took, plus serving knobs.
+
+    Secrets are not args (Ray shows args to anyone with `serve config`):
+    the Label Studio key and the basic-auth password come from the
+    environment, see mmdet_ls/credentials.py.
+    """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt arg fails instead of being ignored
 
     config_file: str = DEFAULT_CONFIG
     checkpoint_file: str = DEFAULT_CHECKPOINT
     device: str = "cpu"
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     image_dir: Optional[str] = None
-    # Defaults from LABEL_STUDIO_URL / LABEL_STUDIO_HOSTNAME and LABEL_STUDIO_API_KEY.
+    # Default from LABEL_STUDIO_URL / LABEL_STUDIO_HOSTNAME; its key only from the environment.
     label_studio_url: Optional[str] = None
-    label_studio_api_key: Optional[str] = Field(None, repr=False)
     max_batch_size: Optional[int] = Field(None, ge=1, le=512)
     batch_wait_timeout_s: Optional[float] = Field(None, ge=0.0, le=10.0)  # default per device
     stack_batches: Optional[bool] = None  # default: True on GPU, False on CPU
@@ -66,18 +79,26 @@ class AppArgs(BaseModel):
     fetch_total_timeout_s: float = Field(30.0, gt=0)
     max_image_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(100_000_000, ge=1)
-    basic_auth_user: Optional[str] = None
-    basic_auth_pass: Optional[str] = Field(None, repr=False)
+    basic_auth_user: Optional[str] = None  # password: BASIC_AUTH_PASS in the environment
     health_requires_auth: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, values):
+        if isinstance(values, dict):
+            for arg, env in SECRET_ARGS.items():
+                if arg in values:
+                    raise ValueError(
+                        f"{arg} is a secret and not an app arg (Ray shows app args to anyone with `serve config`): "
+                        f"set {env} (or {env}_FILE) in the environment of the Ray cluster instead"
+                    )
+        return values
 
     @field_validator("device")
     @classmethod
     def _valid_device(cls, value: str) -> str:
         parse_device(value)
         return value
-
-    def resolved_label_studio_url(self) -> Optional[str]:
-        return self.label_studio_url or _env("LABEL_STUDIO_URL", "LABEL_STUDIO_HOSTNAME", "LABEL_STUDIO_HOST")
 
     def resolved_image_dir(self) -> str:
         return str(Path(self.image_dir or _env("IMAGE_DIR") or default_image_dir()).expanduser())
@@ -91,8 +112,9 @@ def build_app(args: AppArgs) -> Application:
     batch_wait_timeout_s = (
         BATCH_WAIT_DEFAULTS[device_kind] if args.batch_wait_timeout_s is None else args.batch_wait_timeout_s
     )
-    label_studio_url = args.resolved_label_studio_url()
-    api_key = args.label_studio_api_key or _env("LABEL_STUDIO_API_KEY")
+    # Fail here, with the setting to fix, not later in a replica.
+    operator_access(args.label_studio_url)
+    basic_auth_setting(args.basic_auth_user)
 
     loader = ImageLoader.bind(
         image_dir=args.resolved_image_dir(),
@@ -124,12 +146,10 @@ def build_app(args: AppArgs) -> Application:
         postprocess,
         model_version=model_version(args.config_file, args.checkpoint_file),
         model_class=f"MMDetection({Path(args.config_file).stem})",
-        label_studio_url=label_studio_url,
-        label_studio_api_key=api_key,
+        label_studio_url=args.label_studio_url,
         predict_timeout_s=args.predict_timeout_s,
         max_tasks_per_request=args.max_tasks_per_request,
         max_inflight_images=args.max_inflight_images,
-        basic_auth_user=args.basic_auth_user or _env("BASIC_AUTH_USER"),
-        basic_auth_pass=args.basic_auth_pass or _env("BASIC_AUTH_PASS"),
+        basic_auth_user=args.basic_auth_user,
         health_requires_auth=args.health_requires_auth,
     )

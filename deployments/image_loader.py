@@ -9,12 +9,11 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import requests
-from requests.adapters import HTTPAdapter
 from ray import serve
 
 from mmdet_ls.failures import TaskError, TaskFailure
-from mmdet_ls.image_sources import FetchLimits, LabelStudioAuth, fetch_image_bytes
+from mmdet_ls.http_fetch import CancelToken, FetchLimits
+from mmdet_ls.image_sources import LabelStudioAccess, LabelStudioAuth, fetch_image_bytes
 from mmdet_ls.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image
 from mmdet_ls.network_policy import NetworkPolicy
 
@@ -23,7 +22,7 @@ from . import metrics
 logger = logging.getLogger("ray.serve")
 
 LOADER_MAX_ONGOING_REQUESTS = 64
-MAX_AUTH_ENTRIES = 64  # (Label Studio URL, key) pairs kept; /setup can bring any number
+MAX_AUTH_ENTRIES = 64  # (Label Studio origin, key) pairs kept; /setup can bring any number
 # Images decoded at once per replica. Downloads wait on the network and may
 # all run together; a decode of a 89 MP image needs ~0.5 GB, so only a few.
 MAX_CONCURRENT_DECODES = 4
@@ -39,8 +38,8 @@ def task_label(task_id) -> str:
 class ImageRequest:
     task_id: object
     value: str
-    label_studio_url: str | None = None
-    api_key: str | None = field(default=None, repr=False)  # never logged
+    # Where Label Studio is, with the key that may go there and nowhere else.
+    access: LabelStudioAccess | None = field(default=None, repr=False)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=LOADER_MAX_ONGOING_REQUESTS)
@@ -57,44 +56,45 @@ class ImageLoader:
         self.limits = FetchLimits(**(limits or {}))
         self.policy = NetworkPolicy(allow_private_networks, tuple(allowed_hosts or ()))
         self.max_image_pixels = max_image_pixels
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxies or .netrc credentials from the environment
-        adapter = HTTPAdapter(pool_connections=16, pool_maxsize=64, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self._auth: OrderedDict[tuple[str, str], LabelStudioAuth] = OrderedDict()
+        # Threads share the auth cache: one lock around it (a PAT exchange
+        # holds its own lock inside LabelStudioAuth).
+        self._auth: OrderedDict[tuple, LabelStudioAuth] = OrderedDict()
+        self._auth_lock = threading.Lock()
         # One thread per request this replica accepts: a slow or trickling
         # server holds its own thread (up to total_timeout_s), never the ones
         # other images need. (asyncio's default pool has cpu_count + 4.)
         self._pool = ThreadPoolExecutor(max_workers=LOADER_MAX_ONGOING_REQUESTS, thread_name_prefix="image-load")
         self._decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
 
-    def _auth_for(self, url: str | None, key: str | None) -> LabelStudioAuth | None:
-        if not url or not key:
+    def _auth_for(self, access: LabelStudioAccess | None) -> LabelStudioAuth | None:
+        if access is None or not access.api_key:
             return None
-        cache_key = (url, key)
-        if cache_key in self._auth:
-            self._auth.move_to_end(cache_key)
-        else:
-            self._auth[cache_key] = LabelStudioAuth(url, key, self.session, self.limits)
-            while len(self._auth) > MAX_AUTH_ENTRIES:
-                self._auth.popitem(last=False)
-        return self._auth[cache_key]
+        cache_key = (access.base, access.api_key)
+        with self._auth_lock:
+            auth = self._auth.get(cache_key)
+            if auth is None:
+                auth = self._auth[cache_key] = LabelStudioAuth(access, self.limits, self.policy)
+                while len(self._auth) > MAX_AUTH_ENTRIES:
+                    self._auth.popitem(last=False)
+            else:
+                self._auth.move_to_end(cache_key)
+            return auth
 
-    def _load(self, request: ImageRequest) -> DecodedImage | TaskFailure:
+    def _load(self, request: ImageRequest, cancel: CancelToken) -> DecodedImage | TaskFailure:
         start = time.perf_counter()
         content_type = ""
         try:
             fetched = fetch_image_bytes(
                 request.value,
                 image_dir=self.image_dir,
-                session=self.session,
                 limits=self.limits,
                 policy=self.policy,
-                label_studio_url=request.label_studio_url,
-                auth=self._auth_for(request.label_studio_url, request.api_key),
+                access=request.access,
+                auth=self._auth_for(request.access),
                 task_id=request.task_id,
+                cancel=cancel,
             )
+            cancel.check()
             content_type = fetched.content_type
             fetched_at = time.perf_counter()
             with self._decode_slots:
@@ -119,4 +119,11 @@ class ImageLoader:
 
     async def load(self, request: ImageRequest) -> DecodedImage | TaskFailure:
         # Downloads and decoding run in threads so one replica overlaps many.
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._load, request)
+        # A cancelled call (its /predict ran out of time) shuts its socket at
+        # once, so the thread is free for the next request.
+        cancel = CancelToken()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._load, request, cancel)
+        except asyncio.CancelledError:
+            cancel.cancel()
+            raise

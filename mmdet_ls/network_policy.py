@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from .failures import TaskError
 
@@ -17,6 +15,8 @@ METADATA_NETWORKS = tuple(
         "fe80::/10",  # IPv6 link-local
         "fd00:ec2::254/128",  # AWS IMDS over IPv6
         "100.100.100.200/32",  # Alibaba Cloud metadata
+        "168.63.129.16/32",  # Azure WireServer (hands VM agents their configuration)
+        "192.0.0.192/32",  # Oracle Cloud metadata
     )
 )
 # Never useful as an image host.
@@ -27,6 +27,9 @@ UNROUTABLE_NETWORKS = tuple(
 
 
 NAT64_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48"))
+# RFC 8215 local-use NAT64: a site's own translator, so at least private
+# whatever IPv4 address it carries.
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 # Most restrictive first: an address that embeds another gets the stricter class.
 _SEVERITY = ("metadata", "unroutable", "loopback", "private", "public")
 
@@ -58,7 +61,10 @@ def classify_address(ip: str) -> str:
         if addr.ipv4_mapped:
             return _classify(addr.ipv4_mapped)
         if any(addr in n for n in NAT64_NETWORKS):  # DNS64 hosts: what counts is the IPv4 behind it
-            return _classify(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+            kind = _classify(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+            if addr in LOCAL_NAT64:
+                kind = min((kind, "private"), key=_SEVERITY.index)
+            return kind
         if embedded:
             kinds = [_classify(addr)] + [_classify(a) for a in embedded]
             return min(kinds, key=_SEVERITY.index)
@@ -122,20 +128,3 @@ class NetworkPolicy:
                 f"refused to fetch from {host} ({ip}): {kind} addresses are blocked; set "
                 "allow_private_networks: true or add the host to allowed_hosts if your images live there",
             )
-
-    def check_url_host(self, url: str, trusted_host: bool = False) -> None:
-        """Resolve the URL's host and check every address it resolves to."""
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if not host:
-            raise TaskError("bad_url", f"URL has no host: {url[:200]!r}")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise TaskError("bad_url", f"URL has an invalid port: {parts.netloc[:100]!r}") from None
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError, ValueError) as exc:
-            raise TaskError("dns_error", f"cannot resolve host {host!r}: {exc}", retriable=True) from None
-        for info in infos:
-            self.check_address(host, info[4][0], trusted_host=trusted_host)

@@ -31,7 +31,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         srv: ImageServer = self.server.owner  # type: ignore[attr-defined]
         srv.requests.append((self.path, dict(self.headers)))
         path = urlsplit(self.path).path
-        if path.startswith("/status/"):
+        if path.startswith("/status/") or "/status/" in path:  # also under a media path, e.g. /data/upload/5/status/401
             return self._send(int(path.rsplit("/", 1)[1]), b"error page", "text/html")
         if path == "/redirect-loop":
             return self._send(302, b"", headers={"Location": "/redirect-loop"})
@@ -62,6 +62,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 pass
             return
+        if path == "/trickle-headers":  # slow-loris in the headers: a header byte every 0.5 s, forever
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+            try:
+                while not srv.stopping.is_set():
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
+        if path.startswith("/set-cookie/"):  # a server handing out a session cookie with an image
+            file = (srv.root / path[len("/set-cookie/"):]).resolve()
+            return self._send(200, file.read_bytes(), "image/png", headers={"Set-Cookie": "sessionid=COOKIE-1f2e; Path=/"})
         if path == "/huge-declared":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -77,18 +90,34 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self._send(200, file.read_bytes(), ctype)
 
 
+def _post(self):
+    srv: ImageServer = self.server.owner  # type: ignore[attr-defined]
+    length = int(self.headers.get("Content-Length") or 0)
+    body = self.rfile.read(length)
+    srv.requests.append((self.path, dict(self.headers)))
+    handler = srv.post_handlers.get(urlsplit(self.path).path)
+    if handler is None:
+        return self._send(404, b"not found", "text/plain")
+    status, payload, headers = handler(body)
+    return self._send(status, payload, "application/json", headers=headers)
+
+
+_Handler.do_POST = _post
+
+
 class _ThreadingServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
 
 class ImageServer:
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", latency_s: float = 0.0):
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", latency_s: float = 0.0, port: int = 0):
         self.root = Path(root).resolve()
         self.latency_s = latency_s
         self.requests: list = []
+        self.post_handlers: dict = {}  # path -> f(body) -> (status, body bytes, headers)
         self.stopping = threading.Event()
-        self._httpd = _ThreadingServer((host, 0), _Handler)
+        self._httpd = _ThreadingServer((host, port), _Handler)
         self._httpd.owner = self
         self.host = host
         self.port = self._httpd.server_address[1]

@@ -1,12 +1,17 @@
+import base64
 import io
+import json
 import os
+import socket
+import threading
+import time
 
 import pytest
-import requests
 from PIL import Image
 
 from mmdet_ls.failures import TaskError
-from mmdet_ls.image_sources import FetchLimits, fetch_image_bytes
+from mmdet_ls.http_fetch import CancelToken
+from mmdet_ls.image_sources import FetchLimits, LabelStudioAccess, LabelStudioAuth, fetch_image_bytes
 from mmdet_ls.network_policy import NetworkPolicy, classify_address
 
 from image_server import ImageServer
@@ -30,9 +35,10 @@ def upload_dir(tmp_path):
     return root
 
 
-def fetch(value, image_dir, limits=FetchLimits(), policy=LOOPBACK_OK, **kw):
-    with requests.Session() as session:
-        return fetch_image_bytes(value, image_dir=str(image_dir), session=session, limits=limits, policy=policy, **kw)
+def fetch(value, image_dir, limits=FetchLimits(), policy=LOOPBACK_OK, access=None, **kw):
+    auth = LabelStudioAuth(access, limits, policy) if access is not None and access.api_key else None
+    return fetch_image_bytes(value, image_dir=str(image_dir), limits=limits, policy=policy, access=access,
+                             auth=auth, **kw)
 
 
 def test_upload_read_from_image_dir(upload_dir):
@@ -88,21 +94,169 @@ def test_http_fetch_and_failures(tmp_path, upload_dir):
 
 
 def test_label_studio_credentials_only_go_to_label_studio(tmp_path, upload_dir):
-    from mmdet_ls.image_sources import LabelStudioAuth
-
-    (tmp_path / "upload" / "3").mkdir(parents=True)
-    (tmp_path / "upload" / "3" / "x.png").write_bytes(png_bytes())
+    (tmp_path / "data" / "upload" / "3").mkdir(parents=True)
+    (tmp_path / "data" / "upload" / "3" / "x.png").write_bytes(png_bytes())
     (tmp_path / "a.png").write_bytes(png_bytes())
+    policy = NetworkPolicy(allowed_hosts=("127.0.0.3",))
     with ImageServer(tmp_path) as ls, ImageServer(tmp_path, host="127.0.0.3") as other:
-        with requests.Session() as s:
-            auth = LabelStudioAuth(ls.url, "0123456789abcdef", s, FetchLimits())
-            got = fetch("/upload/3/x.png", upload_dir, label_studio_url=ls.url, auth=auth,
-                        policy=NetworkPolicy(allowed_hosts=("127.0.0.3",)))
-            assert got.source == "label_studio"
-            assert ls.requests[-1][1]["Authorization"] == "Token 0123456789abcdef"
-            fetch(f"{other.url}/a.png", upload_dir, label_studio_url=ls.url, auth=auth,
-                  policy=NetworkPolicy(allowed_hosts=("127.0.0.3",)))
-            assert "Authorization" not in other.requests[-1][1]
+        access = LabelStudioAccess.from_text(ls.url, "0123456789abcdef")
+        got = fetch("/data/upload/3/x.png", tmp_path / "empty", access=access, policy=policy)
+        assert got.source == "label_studio"
+        assert ls.requests[-1][1]["Authorization"] == "Token 0123456789abcdef"
+        fetch(f"{other.url}/a.png", upload_dir, access=access, policy=policy)
+        assert "Authorization" not in other.requests[-1][1]
+
+
+def test_backslash_trick_neither_sends_the_key_nor_connects_elsewhere(tmp_path):
+    # urllib reads the host after the "@" (Label Studio), requests/urllib3
+    # before the backslash (the attacker): refused before anything is sent.
+    (tmp_path / "data" / "upload" / "3").mkdir(parents=True)
+    (tmp_path / "data" / "upload" / "3" / "x.png").write_bytes(png_bytes())
+    policy = NetworkPolicy(allowed_hosts=("127.0.0.3",))
+    with ImageServer(tmp_path) as ls, ImageServer(tmp_path, host="127.0.0.3") as attacker:
+        access = LabelStudioAccess.from_text(ls.url, "0123456789abcdef")
+        for value in (f"http://{attacker.host}:{attacker.port}\\@{ls.host}:{ls.port}/data/upload/3/x.png",
+                      f"{ls.url}/redirect-to/http://{attacker.host}:{attacker.port}\\@{ls.host}:{ls.port}/x.png"):
+            with pytest.raises(TaskError) as err:
+                fetch(value, tmp_path / "empty", access=access, policy=policy)
+            assert err.value.failure.reason in ("bad_url", "forbidden_path"), err.value.failure
+        assert attacker.requests == []
+        assert all("Authorization" not in h for _, h in ls.requests)
+
+
+def test_label_studio_api_and_other_paths_never_get_the_key(tmp_path):
+    (tmp_path / "api" / "projects").mkdir(parents=True)
+    (tmp_path / "api" / "projects" / "index.png").write_bytes(png_bytes())
+    with ImageServer(tmp_path) as ls:
+        access = LabelStudioAccess.from_text(ls.url, "0123456789abcdef")
+        for value in ("/api/projects/index.png", f"{ls.url}/api/projects/index.png", "/data/upload/%2e%2e/api/x.png",
+                      "/data/upload/1%2F..%2F..%2Fapi/x.png", "/static/x.png", "/tasks/1/presign/../../api/x"):
+            with pytest.raises(TaskError) as err:
+                fetch(value, tmp_path / "empty", access=access)
+            assert err.value.failure.reason == "forbidden_path", (value, err.value.failure)
+        # A foreign server redirecting into Label Studio's API is refused too.
+        with ImageServer(tmp_path, host="127.0.0.3") as other:
+            with pytest.raises(TaskError) as err:
+                fetch(f"{other.url}/redirect-to/{ls.url}/api/projects/index.png", tmp_path / "empty", access=access,
+                      policy=NetworkPolicy(allowed_hosts=("127.0.0.3",)))
+            assert err.value.failure.reason == "forbidden_path"
+        assert ls.requests == []
+
+
+def test_connection_goes_to_the_address_that_was_checked(tmp_path, monkeypatch):
+    # DNS rebinding: the first answer is an allowed host, every later one a
+    # blocked one. One lookup per hop, and the socket connects to its answer.
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    real = socket.getaddrinfo
+    calls = []
+
+    with ImageServer(tmp_path, host="127.0.0.3") as allowed, \
+            ImageServer(tmp_path, host="127.0.0.2", port=allowed.port) as blocked:
+        def rebinding(host, port, *args, **kw):
+            if host == "images.test":
+                calls.append(host)
+                ip = "127.0.0.3" if len(calls) == 1 else "127.0.0.2"
+                return real(ip, port, *args, **kw)
+            return real(host, port, *args, **kw)
+
+        monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+        got = fetch(f"http://images.test:{allowed.port}/a.png", tmp_path, policy=NetworkPolicy(allowed_hosts=("127.0.0.3",)))
+        assert got.data == png_bytes()
+        assert len(calls) == 1 and len(allowed.requests) == 1 and blocked.requests == []
+
+
+def test_trickled_headers_are_cut_at_the_total_deadline(tmp_path, upload_dir):
+    limits = FetchLimits(connect_timeout_s=1, read_timeout_s=2, total_timeout_s=1.5)
+    with ImageServer(tmp_path) as srv:
+        started = time.monotonic()
+        with pytest.raises(TaskError) as err:
+            fetch(f"{srv.url}/trickle-headers", upload_dir, limits)
+        assert err.value.failure.reason == "timeout"
+        assert time.monotonic() - started < 2.5
+
+
+def test_cancel_frees_the_thread_at_once(tmp_path, upload_dir):
+    limits = FetchLimits(total_timeout_s=30)
+    token = CancelToken()
+    with ImageServer(tmp_path) as srv:
+        threading.Timer(0.5, token.cancel).start()
+        started = time.monotonic()
+        with pytest.raises(TaskError) as err:
+            fetch(f"{srv.url}/trickle-headers", upload_dir, limits, cancel=token)
+        assert err.value.failure.reason == "cancelled"
+        assert time.monotonic() - started < 2
+
+
+def test_cookies_are_never_replayed(tmp_path, upload_dir):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    with ImageServer(tmp_path) as srv:
+        fetch(f"{srv.url}/set-cookie/a.png", upload_dir)
+        fetch(f"{srv.url}/a.png", upload_dir)
+        assert all("Cookie" not in h for _, h in srv.requests)
+
+
+def test_url_userinfo_goes_to_its_own_origin_only_and_never_into_messages(tmp_path, upload_dir):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    with ImageServer(tmp_path) as srv, ImageServer(tmp_path, host="127.0.0.3") as other:
+        policy = NetworkPolicy(allowed_hosts=("127.0.0.1", "127.0.0.3"))
+        fetch(f"http://me:pw@{srv.host}:{srv.port}/redirect-to/{other.url}/a.png", upload_dir, policy=policy)
+        assert srv.requests[-1][1]["Authorization"] == "Basic " + base64.b64encode(b"me:pw").decode()
+        assert "Authorization" not in other.requests[-1][1]
+        with pytest.raises(TaskError) as err:
+            fetch(f"http://me:pw@{srv.host}:{srv.port}/status/404?X-Amz-Signature=SIG", upload_dir, policy=policy)
+        assert "pw" not in err.value.failure.message and "SIG" not in err.value.failure.message
+        # On Label Studio's own origin, userinfo is refused outright.
+        with pytest.raises(TaskError) as err:
+            fetch(f"http://me:pw@{srv.host}:{srv.port}/data/upload/1/a.png", upload_dir,
+                  access=LabelStudioAccess.from_text(srv.url, "k"))
+        assert err.value.failure.reason == "bad_url"
+
+
+def test_messages_never_show_image_dir(upload_dir):
+    with pytest.raises(TaskError) as err:
+        fetch("/data/upload/3/missing.png", upload_dir)
+    assert str(upload_dir) not in err.value.failure.message and "/tmp" not in err.value.failure.message
+
+
+def _token_server(tmp_path, handler):
+    srv = ImageServer(tmp_path)
+    srv.post_handlers["/api/token/refresh/"] = handler
+    return srv
+
+
+def _jwt(payload: dict) -> str:
+    enc = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")  # noqa: E731
+    return f"{enc({'alg': 'HS256'})}.{enc(payload)}.sig"
+
+
+@pytest.mark.parametrize(
+    "answer, detail",
+    [
+        ((302, b"", {"Location": "http://127.0.0.3/steal"}), "HTTP 302"),  # no redirect followed
+        ((200, json.dumps({"access": "x" * 5000}).encode(), None), "usable access token"),
+        ((200, json.dumps({"access": "a\r\nX-Evil: 1"}).encode(), None), "usable access token"),
+        ((200, b"{" + b" " * 20000 + b"}", None), "at most 8192 allowed"),
+    ],
+)
+def test_token_exchange_is_one_small_hop(tmp_path, answer, detail):
+    refresh = _jwt({"token_type": "refresh", "exp": time.time() + 3600})
+    with _token_server(tmp_path, lambda body: answer) as ls, ImageServer(tmp_path, host="127.0.0.3") as elsewhere:
+        access = LabelStudioAccess.from_text(ls.url, refresh)
+        auth = LabelStudioAuth(access, FetchLimits(), LOOPBACK_OK)
+        with pytest.raises(TaskError) as err:
+            auth.headers()
+        assert err.value.failure.reason == "label_studio_auth"
+        assert detail in err.value.failure.message
+        assert elsewhere.requests == []
+        assert ls.requests[-1][1].get("Accept-Encoding") == "identity"
+
+
+def test_token_exchange_gives_a_bearer(tmp_path):
+    refresh = _jwt({"token_type": "refresh"})
+    access_token = _jwt({"token_type": "access", "exp": time.time() + 300})
+    with _token_server(tmp_path, lambda body: (200, json.dumps({"access": access_token}).encode(), None)) as ls:
+        auth = LabelStudioAuth(LabelStudioAccess.from_text(ls.url, refresh), FetchLimits(), LOOPBACK_OK)
+        assert auth.headers() == {"Authorization": f"Bearer {access_token}"}
 
 
 def test_blocked_loopback_address_is_refused(tmp_path, upload_dir):
@@ -130,6 +284,9 @@ def test_redirect_to_forbidden_address_is_refused(tmp_path, upload_dir):
         ("fd00:ec2::254", "metadata"),
         ("fe80::1", "metadata"),
         ("100.100.100.200", "metadata"),
+        ("168.63.129.16", "metadata"),
+        ("192.0.0.192", "metadata"),
+        ("64:ff9b:1::808:808", "private"),  # local-use NAT64 (RFC 8215), even for a public IPv4
         ("::ffff:169.254.169.254", "metadata"),
         ("127.0.0.1", "loopback"),
         ("::1", "loopback"),

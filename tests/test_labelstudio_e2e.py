@@ -19,10 +19,13 @@ Label Studio) is read from Label Studio's own request log.
 The ways of reaching uploads are redeployments of the same application with
 new args (serve.run), so Ray and the model start once:
 * image_dir = Label Studio's <data_dir>/media/upload (same machine);
-* image_dir empty, LABEL_STUDIO_URL + a legacy token as label_studio_api_key;
+* image_dir empty, LABEL_STUDIO_URL + a legacy token as the key;
 * image_dir empty, legacy tokens disabled in the organisation, a personal
-  access token as label_studio_api_key (/setup still sends the dead legacy
-  token: with it as the key the uploads fail, with the PAT they work).
+  access token as the key (/setup still sends the dead legacy token: with it
+  as the key the uploads fail, with the PAT they work).
+The key is never an app arg: it is written to the file that
+LABEL_STUDIO_API_KEY_FILE names in Ray's environment, as an operator mounts a
+secret, and the application is redeployed.
 """
 from __future__ import annotations
 
@@ -210,6 +213,10 @@ def backend(ls, tmp_path_factory):
     if not Path(TOY_CHECKPOINT).is_file():
         pytest.fail(f"toy checkpoint {TOY_CHECKPOINT} missing: run tests/toy_detector/train.py")
     empty_dir = tmp_path_factory.mktemp("empty-image-dir")
+    key_file = tmp_path_factory.mktemp("secrets") / "label-studio-key"
+    key_file.write_text("")
+    env = pytest.MonkeyPatch()
+    env.setenv("LABEL_STUDIO_API_KEY_FILE", str(key_file))  # before Ray starts: replicas inherit it
     base = AppArgs(
         config_file=str(TOY_CONFIG),
         checkpoint_file=str(TOY_CHECKPOINT),
@@ -223,15 +230,16 @@ def backend(ls, tmp_path_factory):
     try:
         health = wait_ready(url)
         proxy = CountingProxy(url)
-        state = {"args": base}
+        state = {"args": base, "key": ""}
 
-        def deploy(**overrides) -> dict:
+        def deploy(api_key: str = "", **overrides) -> dict:
             args = base.model_copy(update=overrides)
-            if args != state["args"]:
+            if args != state["args"] or api_key != state["key"]:
                 from ray import serve
 
+                key_file.write_text(api_key)  # the ingress reads it when it starts
                 serve.run(build_app(args), name="mmdet-backend", route_prefix="/")
-                state["args"] = args
+                state.update(args=args, key=api_key)
             return wait_ready(url)
 
         yield {"url": url, "proxy": proxy, "model_version": health["model_version"], "deploy": deploy,
@@ -240,6 +248,7 @@ def backend(ls, tmp_path_factory):
         if proxy is not None:
             proxy.close()
         stop_serve()
+        env.undo()
 
 
 # ---------------------------------------------------------------- helpers
@@ -420,7 +429,7 @@ def test_opening_a_task_without_prediction_predicts_it(backend, images, same_mac
 
 def test_downloads_uploads_from_label_studio_with_legacy_token(ls, backend, images):
     health = backend["deploy"](image_dir=backend["empty_dir"], label_studio_url=ls.url,
-                               label_studio_api_key=ls.legacy_token)
+                               api_key=ls.legacy_token)
     assert health["model_version"] == backend["model_version"]
     project = Project(ls.client, "download legacy", standard_uploads(8), {"p2-url.png": scene_png("url")}, images)
     project.connect(backend["proxy"].url, backend["model_version"])
@@ -444,7 +453,7 @@ def test_downloads_uploads_with_personal_access_token_when_legacy_tokens_are_off
 
         # The legacy token (also what /setup sends) is dead: uploads cannot be read.
         backend["deploy"](image_dir=backend["empty_dir"], label_studio_url=ls.url,
-                          label_studio_api_key=ls.legacy_token)
+                          api_key=ls.legacy_token)
         project.connect(backend["proxy"].url, backend["model_version"])
         mark = backend["proxy"].mark()
         project.retrieve()
@@ -457,7 +466,7 @@ def test_downloads_uploads_with_personal_access_token_when_legacy_tokens_are_off
         assert_prediction_matches(stored, project.expected[url_task], backend["model_version"])
 
         # The operator sets the PAT: the failed uploads are predicted on the next retrieve.
-        backend["deploy"](image_dir=backend["empty_dir"], label_studio_url=ls.url, label_studio_api_key=ls.pat)
+        backend["deploy"](image_dir=backend["empty_dir"], label_studio_url=ls.url, api_key=ls.pat)
         mark = backend["proxy"].mark()
         project.retrieve()
         (call,) = backend["proxy"].predict_calls(mark)
