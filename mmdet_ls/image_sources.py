@@ -286,6 +286,8 @@ def http_get_image(
     def hop_headers(hop: URL, chain_trusted: bool) -> dict[str, str]:
         nonlocal sent_key
         headers = {"Accept": "image/*,*/*;q=0.5"}
+        if hop is not url and hop.userinfo is not None:
+            raise URLError(f"{hop.redacted()}: a redirect may not carry user:password")
         if trusted(hop):
             access.check_media_path(hop)
             if chain_trusted and auth is not None:

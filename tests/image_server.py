@@ -9,7 +9,7 @@ import http.server
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -36,7 +36,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/redirect-loop":
             return self._send(302, b"", headers={"Location": "/redirect-loop"})
         if path.startswith("/redirect-to/"):
-            return self._send(302, b"", headers={"Location": path[len("/redirect-to/"):].replace("_", "/", 0) or "/"})
+            # Percent-decoded, so a test can make the Location carry what a URL may not (e.g. a backslash).
+            return self._send(302, b"", headers={"Location": unquote(path[len("/redirect-to/"):]) or "/"})
         if path == "/html":
             return self._send(200, b"<html><body>login page</body></html>", "text/html; charset=utf-8")
         if path == "/trickle":  # slow-loris: one byte every 0.5 s, forever

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -24,6 +25,7 @@ from PIL import Image
 
 import serve_app
 from deployments.ingress import LabelStudioIngress
+from mmdet_ls.images import DEFAULT_MAX_PIXELS, UNSUPPORTED_FORMAT_MESSAGE
 from serve_app import AppArgs, build_app
 
 from image_server import ImageServer
@@ -48,7 +50,8 @@ CANARY = "CANARY-0c9f5b7e-this-must-never-be-read"
 FETCH_LIMITS = {"fetch_connect_timeout_s": 2, "fetch_read_timeout_s": 2, "fetch_total_timeout_s": 3,
                 "max_image_bytes": 16 << 20}
 BODY_TIMEOUT_S = 2.0
-NOT_AN_IMAGE = "data is not an image in a supported format (JPEG, PNG, GIF, BMP, TIFF, WebP, AVIF, ICO)"
+NOT_AN_IMAGE = UNSUPPORTED_FORMAT_MESSAGE
+URL_PASSWORD, URL_SIGNATURE = "hunter2-url-pass", "SIGSECRET-9d8e"  # in task URLs; never quoted back
 RESPONSES: list[str] = []  # every response body of the module, searched for secrets at the end
 
 
@@ -120,19 +123,21 @@ def svc(tmp_path_factory):
     (ls_root / "data" / "upload" / "5").mkdir(parents=True)
     (ls_root / "data" / "upload" / "5" / "remote-only.png").write_bytes(scene_png(703))
 
+    # Secrets come from the environment of the Ray cluster (never app args):
+    # set before Ray starts, so every replica inherits them.
     with ImageServer(ls_root, host="127.0.0.1") as ls, ImageServer(web_root, host="127.0.0.3") as web, \
-            ImageServer(web_root, host="127.0.0.2") as blocked:
+            ImageServer(web_root, host="127.0.0.2") as blocked, pytest.MonkeyPatch.context() as env:
+        env.setenv("LABEL_STUDIO_API_KEY", API_KEY)
+        env.setenv("BASIC_AUTH_PASS", AUTH_PASS)
         args = AppArgs(
             config_file=str(TOY_CONFIG),
             checkpoint_file=str(TOY_CHECKPOINT),
             image_dir=str(image_dir),
             label_studio_url=ls.url,
-            label_studio_api_key=API_KEY,
             allowed_hosts=["127.0.0.3"],  # 127.0.0.2 stays blocked like any private address
             max_batch_size=4,
             batch_wait_timeout_s=0.02,
             basic_auth_user=AUTH_USER,
-            basic_auth_pass=AUTH_PASS,
             **FETCH_LIMITS,
         )
         url = start_serve(build(args))
@@ -332,7 +337,7 @@ def test_lone_surrogates_get_an_answer_not_a_500(svc):
     resp = post(svc["url"], "/predict", raw=raw.encode())
     assert resp.status_code == 200, resp.text
     bad, good = resp.json()["results"]
-    assert_error(bad, "bad_url", "image value is not valid Unicode text: 'http://127.0.0.3/\\udc00.png'")
+    assert_error(bad, "bad_url", "URL is not valid Unicode text")
     assert_prediction(good)
 
 
@@ -382,20 +387,22 @@ def test_bad_tasks_fail_alone_in_one_batch(svc):
          "refused to fetch from 169.254.169.254 (169.254.169.254): link-local/cloud-metadata addresses are never "
          "fetched; list the address in allowed_hosts if this is really an image server", False),
         ("BAD", "http://[::ffff:169.254.169.254]/", "forbidden_address",
-         "refused to fetch from ::ffff:169.254.169.254 (::ffff:169.254.169.254): link-local/cloud-metadata "
+         "refused to fetch from ::ffff:a9fe:a9fe (::ffff:a9fe:a9fe): link-local/cloud-metadata "
          "addresses are never fetched; list the address in allowed_hosts if this is really an image server", False),
         ("BAD", "http://0.0.0.0:9/x.png", "forbidden_address",
          "refused to fetch from 0.0.0.0 (0.0.0.0): not a routable address", False),
         ("BAD", f"{w}/html", "not_an_image", f"expected an image but the server sent text/html: {NOT_AN_IMAGE}", False),
         ("BAD", f"{w}/trickle", "timeout", "image download took longer than 3 s", True),
+        ("BAD", f"{w}/trickle-headers", "timeout", f"fetching {w}/trickle-headers took longer than 3 s", True),
+        ("GOOD", f"{w}/set-cookie/good.png"),  # a cookie that must never be sent back
         ("BAD", f"{w}/huge-declared", "too_large", f"image is {1 << 30} bytes; at most {16 << 20} allowed", False),
         ("BAD", f"{w}/endless", "too_large", f"image is larger than {16 << 20} bytes", False),
         ("BAD", f"{w}/noise.png", "not_an_image", NOT_AN_IMAGE, False),
         ("BAD", f"{w}/eps.png", "not_an_image", NOT_AN_IMAGE, False),
         ("BAD", f"{w}/truncated.jpg", "not_an_image", None, False),
         ("BAD", f"{w}/bomb.png", "not_an_image",
-         "image refused as a decompression bomb: Image size (2500000000 pixels) exceeds limit of 178956970 pixels, "
-         "could be decompression bomb DOS attack.", False),
+         "image refused as a decompression bomb: Image size (2500000000 pixels) exceeds limit of "
+         f"{2 * DEFAULT_MAX_PIXELS} pixels, could be decompression bomb DOS attack.", False),
         ("BAD", f"{w}/zero.png", "not_an_image", NOT_AN_IMAGE, False),
         ("GOOD", f"{w}/one.png"),
         ("BAD", f"{w}/wide20000.png", "preprocess_error", None, False),
@@ -409,14 +416,16 @@ def test_bad_tasks_fail_alone_in_one_batch(svc):
          "upload path '/data/upload/1/..%2F..%2F..%2Fcanary-secret.txt' leaves the upload folder", False),
         ("BAD", "/data/upload/%2e%2e/%2e%2e/canary-secret.txt", "forbidden_path",
          "upload path '/data/upload/%2e%2e/%2e%2e/canary-secret.txt' leaves the upload folder", False),
-        ("BAD", "/data/upload/1/..\\..\\..\\canary-secret.txt", "forbidden_path",
-         "upload path '/data/upload/1/..\\\\..\\\\..\\\\canary-secret.txt' leaves the upload folder", False),
+        ("BAD", "/data/upload/1/..\\..\\..\\canary-secret.txt", "bad_url",
+         "URL contains a backslash, which URL parsers read differently: "
+         "'http://label-studio/data/upload/1/..\\\\..\\\\..\\\\canary-secret.txt'", False),
         ("BAD", "/data/upload//etc/passwd", "forbidden_path",
          "upload path '/data/upload//etc/passwd' leaves the upload folder", False),
         ("BAD", "/data/upload/1/good.png%00.txt", "forbidden_path",
          "upload path '/data/upload/1/good.png%00.txt' leaves the upload folder", False),
         ("BAD", f"{ls.url}/data/upload/../../../canary-secret.txt", "forbidden_path",
-         f"upload path '{ls.url}/data/upload/../../../canary-secret.txt' leaves the upload folder", False),
+         f"{ls.url}/canary-secret.txt is on Label Studio but not where it serves media (/data/upload/, "
+         "/data/local-files/, /storage-data/uploaded/, storage resolve): not fetched", False),
         ("BAD", "/data/upload/1/evil.png", "forbidden_path",
          "upload path '/data/upload/1/evil.png' resolves outside the upload folder", False),
         ("BAD", "/data/upload/1/outside/canary-secret.txt", "forbidden_path",
@@ -428,15 +437,37 @@ def test_bad_tasks_fail_alone_in_one_batch(svc):
          f"{ls.url}/data/upload/%252e%252e/canary-secret.txt answered HTTP 404", False),
         # Label Studio access: credentials on its host only
         ("GOOD", "/data/upload/5/remote-only.png"),
-        ("BAD", "/status/401", "http_401", f"{ls.url}/status/401 answered HTTP 401 (check the Label Studio API key)",
-         False),
+        ("BAD", "/data/upload/5/status/401", "http_401",
+         f"{ls.url}/data/upload/5/status/401 answered HTTP 401 (check the Label Studio API key)", False),
+        # The key never goes to Label Studio's API, relative or absolute, nor through a foreign redirect.
+        ("BAD", "/api/projects/", "forbidden_path",
+         f"{ls.url}/api/projects/ is on Label Studio but not where it serves media (/data/upload/, "
+         "/data/local-files/, /storage-data/uploaded/, storage resolve): not fetched", False),
+        ("BAD", f"{ls.url}/api/users?format=json", "forbidden_path",
+         f"{ls.url}/api/users is on Label Studio but not where it serves media (/data/upload/, "
+         "/data/local-files/, /storage-data/uploaded/, storage resolve): not fetched", False),
+        ("BAD", f"{w}/redirect-to/{ls.url}/api/projects/", "forbidden_path",
+         f"{ls.url}/api/projects/ is on Label Studio but not where it serves media (/data/upload/, "
+         "/data/local-files/, /storage-data/uploaded/, storage resolve): not fetched", False),
+        # Parser differential: urllib reads Label Studio's host, urllib3 the attacker's.
+        ("BAD", f"http://{web.host}:{web.port}\\@{ls.host}:{ls.port}/data/upload/5/remote-only.png", "bad_url",
+         f"URL contains a backslash, which URL parsers read differently: "
+         f"'http://{ls.host}:{ls.port}/data/upload/5/remote-only.png'", False),
+        ("BAD", f"{w}/redirect-to/http://{web.host}:{web.port}%5C@{ls.host}:{ls.port}/data/upload/5/remote-only.png",
+         "bad_url", f"URL contains a backslash, which URL parsers read differently: "
+         f"'http://{ls.host}:{ls.port}/data/upload/5/remote-only.png'", False),
+        # userinfo and signed queries are never quoted back
+        ("BAD", f"http://user:{URL_PASSWORD}@{web.host}:{web.port}/status/404?X-Amz-Signature={URL_SIGNATURE}",
+         "http_404", f"{w}/status/404 answered HTTP 404", False),
         ("GOOD", f"{w}/redirect-to/{ls.url}/data/upload/5/remote-only.png"),
         ("BAD", "s3://bucket/key.png", "bad_task", "s3:// images need the task's numeric id, got '../../api/users'",
          False),
         # Other malformed values
         ("BAD", "http://127.0.0.3:99999/x.png", "bad_url",
-         "URL has an invalid port: http://127.0.0.3:99999/x.png", False),
-        ("BAD", "http://[::1/x.png", "bad_url", "malformed URL: 'http://[::1/x.png'", False),
+         "URL has an invalid port: 'http://127.0.0.3:99999/x.png'", False),
+        ("BAD", "http://[::1/x.png", "bad_url", "URL has a malformed IPv6 host: 'http://[::1/x.png'", False),
+        ("BAD", "http://127.1/x.png", "bad_url",
+         "URL has an ambiguous numeric host (write it as a.b.c.d): 'http://127.1/x.png'", False),
         ("BAD", "http://127.0.0.3/a\r\nX-Injected: 1", "bad_url",
          "URL contains control characters: 'http://127.0.0.3/a\\r\\nX-Injected: 1'", False),
         ("BAD", "http://" + "a" * 70_000, "bad_url", "image URL is longer than 64 KiB", False),
@@ -479,14 +510,74 @@ def test_bad_tasks_fail_alone_in_one_batch(svc):
     direct = [h for p, h in ls_hits if p == "/data/upload/5/remote-only.png"]
     assert any(h.get("Authorization") == f"Token {API_KEY}" for h in direct)
     assert any("Authorization" not in h for h in direct), "a foreign redirect to Label Studio got the token"
-    assert all("Authorization" not in h for _, h in web.requests)
+    # The only credential web ever saw: the Basic auth of its own URL's userinfo, on that URL's path.
+    assert {(p.split("?")[0], h["Authorization"]) for p, h in web.requests if "Authorization" in h} == {
+        ("/status/404", "Basic " + base64.b64encode(f"user:{URL_PASSWORD}".encode()).decode())}
     assert all(h.get("Accept-Encoding") == "identity" for _, h in web.requests)
+    assert not any(p.startswith("/api") for p, _ in ls.requests)
+    assert all("Cookie" not in h for _, h in web.requests + ls.requests)
+
+
+def test_slow_urls_hold_the_loader_no_longer_than_the_fetch_deadline(svc):
+    # 64 servers trickling their headers fill every loader thread and every
+    # in-flight slot; each is cut at fetch_total_timeout_s, so a good image
+    # sent next waits at most about that long.
+    w = svc["web"].url
+    slow = threading.Thread(target=predict, args=(svc, [task(i, f"{w}/trickle-headers") for i in range(64)]),
+                            kwargs={"timeout": 100})
+    slow.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    resp = predict(svc, [task(1, f"{w}/good.png")])
+    elapsed = time.monotonic() - started
+    slow.join()
+    assert_prediction(resp.json()["results"][0])
+    assert elapsed < FETCH_LIMITS["fetch_total_timeout_s"] + 4, elapsed
+
+
+def test_setup_hostname_and_token_travel_together_and_bad_setups_store_nothing(svc):
+    url, web, ls = svc["url"], svc["web"], svc["ls"]
+    # A /setup naming another host: the operator's key still goes only to the
+    # operator's Label Studio, and the /setup token is not sent there either.
+    resp = post(url, "/setup", {"project": "9.1", "schema": LABEL_CONFIG, "hostname": web.url,
+                                "access_token": SETUP_TOKEN})
+    assert resp.status_code == 200, resp.text
+    resp = post(url, "/predict", {"tasks": [task(1, "/data/upload/5/remote-only.png")], "project": "9.1"})
+    assert_prediction(resp.json()["results"][0])
+    assert ls.requests[-1][1]["Authorization"] == f"Token {API_KEY}"
+    assert not any(API_KEY in str(h) or SETUP_TOKEN in str(h) for _, h in web.requests)
+    bad = [
+        ("javascript:alert(1)", "t0ken"),
+        (f"http://{web.host}:{web.port}\\@{ls.host}:{ls.port}", "t0ken"),
+        ("http://" + "a" * 3000 + ".com", "t0ken"),
+        (ls.url, "tok\r\nX-Injected: 1"),
+        (ls.url, "x" * 5000),
+        (123, "t0ken"),
+        (None, "t0ken"),
+    ]
+    for hostname, token in bad:
+        resp = post(url, "/setup", {"project": "77.1", "schema": LABEL_CONFIG, "hostname": hostname,
+                                    "access_token": token})
+        assert resp.status_code == 400, (hostname, resp.text)
+    resp = post(url, "/predict", {"tasks": [task(1, f"{web.url}/good.png")], "project": "77.1"})
+    assert resp.status_code == 400 and "no label config" in resp.json()["error"]
 
 
 def test_no_file_outside_image_dir_is_ever_read(svc):
-    # The traversal cases above all ended as forbidden_path (checked item by
-    # item); here: the canary's content shows up nowhere, not in a response
-    # and not in a log line of this Ray session.
+    # Self-contained (not relying on responses of earlier tests): every way
+    # out of image_dir, then the canary's content must show up nowhere, not
+    # in a response and not in a log line of this Ray session.
+    assert (svc["tmp"] / "canary-secret.txt").read_text() == CANARY  # it is there to be read
+    ls = svc["ls"].url
+    escapes = ["/data/upload/../../canary-secret.txt", "/data/upload/1/..%2F..%2F..%2Fcanary-secret.txt",
+               "/data/upload/%2e%2e/%2e%2e/canary-secret.txt", "/data/upload/1/evil.png",
+               "/data/upload/1/outside/canary-secret.txt", f"{ls}/data/upload/1/evil.png",
+               f"{ls}/data/upload/1/..%2F..%2F..%2Fcanary-secret.txt", "/data/upload/1/..\\..\\canary-secret.txt"]
+    resp = predict(svc, [task(i, value) for i, value in enumerate(escapes)])
+    results = resp.json()["results"]
+    assert len(results) == len(escapes)
+    for value, item in zip(escapes, results):
+        assert "result" not in item and item["error_reason"] in ("forbidden_path", "bad_url", "http_404"), (value, item)
     assert not any(CANARY in text for text in RESPONSES)
     assert CANARY not in "\n".join(read_session_logs())
 
@@ -539,16 +630,27 @@ def read_session_logs() -> list[str]:
 def test_secrets_never_in_responses_logs_or_metrics(svc):
     url = svc["url"]
     # Make sure the key was really used (and failed once) during this module.
-    resp = predict(svc, [task(1, "/status/403"), task(2, "/data/upload/5/remote-only.png")])
+    resp = predict(svc, [task(1, "/data/upload/5/status/403"), task(2, "/data/upload/5/remote-only.png")])
     assert_error(resp.json()["results"][0], "http_403",
-                 f"{svc['ls'].url}/status/403 answered HTTP 403 (check the Label Studio API key)")
+                 f"{svc['ls'].url}/data/upload/5/status/403 answered HTTP 403 (check the Label Studio API key)")
     assert_prediction(resp.json()["results"][1])
     metrics_text = requests.get(f"{url}/metrics", auth=AUTH, timeout=30).text
     logs = read_session_logs()
     assert any("ServeReplica" in t or "replica" in t.lower() for t in logs), "no Serve logs found"
     serve_logs = [t for t in logs if "serve" in t.lower()]
     assert serve_logs
-    for secret in (API_KEY, SETUP_TOKEN, AUTH_PASS, base64.b64encode(f"{AUTH_USER}:{AUTH_PASS}".encode()).decode()):
+    # What Ray shows operators (`serve status`, `serve config` and the dashboard's Serve page).
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    shown = repr(serve.status()) + json.dumps(_get_global_client().get_serve_details(), default=str)
+    assert "mmdet-backend" in shown and "LabelStudioIngress" in shown  # the real app's details
+    secrets = (API_KEY, SETUP_TOKEN, AUTH_PASS, URL_PASSWORD, URL_SIGNATURE,
+               base64.b64encode(f"{AUTH_USER}:{AUTH_PASS}".encode()).decode())
+    for secret in secrets:
+        assert secret not in shown, secret
+    assert all("Cookie" not in h for _, h in svc["web"].requests)
+    for secret in secrets:
         assert not any(secret in text for text in RESPONSES), secret
         assert secret not in metrics_text, secret
         leaks = [t for t in logs if secret in t]
