@@ -314,3 +314,26 @@ def test_policy_switches():
     with pytest.raises(TaskError):
         NetworkPolicy().check_address("nas", "10.0.0.1")
     NetworkPolicy().check_address("nas", "10.0.0.1", trusted_host=True)  # the Label Studio host
+
+
+def test_https_is_verified_on_the_pinned_socket(tmp_path, upload_dir):
+    # A self-signed certificate: the TLS handshake runs on the socket we
+    # connected to the vetted address, and an untrusted certificate is refused.
+    import shutil
+    import ssl
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl command not available to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    with ImageServer(tmp_path) as srv:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        srv._httpd.socket = ctx.wrap_socket(srv._httpd.socket, server_side=True)
+        with pytest.raises(TaskError) as err:
+            fetch(f"https://127.0.0.1:{srv.port}/a.png", upload_dir)
+        assert err.value.failure.reason == "tls_error"
+        assert "certificate" in err.value.failure.message

@@ -4,6 +4,7 @@ the normal config_file/checkpoint_file path, so regions are real detections.
 (Box geometry against ground truth: test_geometry.py.)
 """
 import concurrent.futures as cf
+import json
 import re
 
 import pytest
@@ -28,6 +29,7 @@ LABEL_CONFIG = (
 )
 LABELS = {"Vehicle", "Person"}
 SIZES = [(320, 240)] + [(300 + 20 * i, 260 + 10 * i) for i in range(8)]
+OPERATOR_KEY = "operator-key-3b9d1f0c7a"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,10 @@ def backend(tmp_path_factory):
         "image_dir": str(image_dir),
         "allowed_hosts": ["127.0.0.1"],
     })
-    with ImageServer(http_root) as images:
+    # An operator's secrets, in the environment Ray starts with (never args).
+    with ImageServer(http_root) as images, pytest.MonkeyPatch.context() as env:
+        env.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
+        env.setenv("LABEL_STUDIO_API_KEY", OPERATOR_KEY)
         url = start_serve_config(config)
         try:
             wait_ready(url)
@@ -80,6 +85,18 @@ def assert_well_formed(region, width, height):
     assert v["x"] + v["width"] <= 100 + 1e-6 and v["y"] + v["height"] <= 100 + 1e-6
     assert len(v["rectanglelabels"]) == 1 and v["rectanglelabels"][0] in LABELS
     assert 0 <= region["score"] <= 1 and re.fullmatch(r"[0-9a-f]{10}", region["id"])
+
+
+def test_serve_status_and_details_show_the_args_but_no_secret(backend):
+    # What `serve status`, `serve config` and the dashboard's Serve page show.
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    shown = repr(serve.status()) + json.dumps(details, default=str)
+    app = details["applications"]["mmdet-backend"]
+    assert app["deployed_app_config"]["args"]["config_file"] == str(TOY_CONFIG)  # args are on show
+    assert OPERATOR_KEY not in shown
 
 
 def test_health_answers_label_studio_shape(backend):
