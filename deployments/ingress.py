@@ -3,23 +3,26 @@
 import asyncio
 import base64
 import binascii
+import builtins
 import hmac
 import json
 import logging
+import re
 import time
 from collections import Counter, OrderedDict
 from functools import lru_cache
 
 import requests
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from mmdet_ls.credentials import access_for, basic_auth_setting, operator_access, setup_access
 from mmdet_ls.failures import TaskFailure
 from mmdet_ls.label_config import LabelConfigError, ParsedLabelConfig, parse_label_config
 from mmdet_ls.regions import ImageResult
-from mmdet_ls.tasks import ImageJob, assemble_results, plan_jobs
+from mmdet_ls.tasks import ImageJob, assemble_results, failure_item, plan_jobs, too_many_tasks
 
 from . import metrics
 from .image_loader import ImageRequest
@@ -36,7 +39,15 @@ class SafeJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-app = FastAPI(title="MMDetection backend for Label Studio", default_response_class=SafeJSONResponse)
+# No /docs, /redoc or /openapi.json: Label Studio never reads them, and they
+# would map the whole API for anyone who can reach the port.
+app = FastAPI(
+    title="MMDetection backend for Label Studio",
+    default_response_class=SafeJSONResponse,
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 HEALTH_REFRESH_S = 2.0
 MAX_PROJECTS = 256  # /setup entries kept (least recently used dropped); each holds a label config
@@ -147,6 +158,200 @@ def collect_prometheus_text(prefix: str = metrics.PREFIX, timeout_s: float = 2.0
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------ bounds on one /predict answer
+# What one /predict call may cost, whatever it carries:
+# - RESPONSE_BYTES_PER_BODY_BYTE, RESPONSE_SLACK_BYTES: tasks past the ones a
+#   call predicts (max_tasks_per_request, max_images_per_request) get one
+#   compact item each (~150 bytes, one short message shared by all); those
+#   items must fit in 4 x the request body + 1 MiB, else the whole request is
+#   refused with one 413 saying how many tasks a call may carry. The answer is
+#   then at most 4 x body + 1 MiB + the predicted part, which is bounded by
+#   max_tasks_per_request error items (messages cut to tasks.MAX_ERROR_CHARS)
+#   and by regions (regions.MAX_REGIONS_PER_IMAGE, tasks.MAX_REGIONS_PER_RESPONSE).
+# - MAX_BODY_JSON_VALUES: a body with more JSON values than this (commas,
+#   "[" and "{" counted in its bytes, before parsing) is refused with a 413:
+#   json.loads holds the GIL from start to end, so a thread does not keep a
+#   parse of millions of tiny values (32 MiB of "[]," took 2 s) from stalling
+#   the event loop that answers /health; 2 million values parse in ~0.2 s.
+#   (A 32 MiB body of real Label Studio tasks, ~500 bytes each, has ~1.8 million.)
+# - THREAD_PARSE_BYTES: bodies past this size are parsed, and answers past
+#   it rendered, in a worker thread (asyncio.to_thread).
+RESPONSE_BYTES_PER_BODY_BYTE = 4
+RESPONSE_SLACK_BYTES = 1 << 20
+MAX_BODY_JSON_VALUES = 2_000_000
+THREAD_PARSE_BYTES = 64 << 10
+
+
+def dumps_compact(value) -> bytes:
+    """What SafeJSONResponse renders: ASCII only, no spaces."""
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def json_value_count(raw: bytes) -> int:
+    """An upper bound on the values in a JSON text, from its bytes alone
+    (commas, "[" and "{", also inside strings: an overestimate)."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+
+
+def parse_json_body(raw: bytes, max_values: int = MAX_BODY_JSON_VALUES) -> tuple[object, tuple[int, str] | None]:
+    """(body, None) or (None, (status, message)); pure, safe to run in a thread."""
+    if json_value_count(raw) > max_values:
+        return None, (413, f"request body holds more than {max_values} JSON values")
+    try:
+        return json.loads(raw), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return None, (400, f"request body is not valid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:
+        # ValueError: an integer past Python's 4300-digit limit; RecursionError: nesting too deep.
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        return None, (400, f"request body is not valid JSON: {detail}")
+
+
+async def read_json_body(request: Request, max_bytes: int, timeout_s: float, max_tasks: int):
+    """(body, body size in bytes, None) or (None, 0, error response): the
+    size cap, the time cap, the value cap and bad JSON, like _read_json, with
+    big bodies parsed in a thread."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        return None, 0, error_response(413, f"request body is larger than {max_bytes} bytes")
+    chunks, size = [], 0
+
+    async def receive() -> bool:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                return False
+            chunks.append(chunk)
+        return True
+
+    try:
+        complete = await asyncio.wait_for(receive(), timeout=timeout_s)
+    except asyncio.TimeoutError:  # a client trickling its body holds nothing for long
+        return None, 0, error_response(408, f"request body not received within {timeout_s:g} s")
+    if not complete:
+        return None, 0, error_response(413, f"request body is larger than {max_bytes} bytes")
+    if size == 0:
+        return None, 0, error_response(400, "request body is empty; send a JSON object")
+    raw = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+    chunks.clear()
+    if size > THREAD_PARSE_BYTES:
+        body, error = await asyncio.to_thread(parse_json_body, raw)
+    else:
+        body, error = parse_json_body(raw)
+    if error:
+        status, message = error
+        if status == 413:
+            message += f"; one call may carry at most {max_tasks} tasks: send the rest in later calls"
+        return None, 0, error_response(status, message)
+    if not isinstance(body, dict):
+        return None, 0, error_response(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body, size, None
+
+
+def render_predict_answer(
+    n_accepted: int, jobs, outcomes, failures, model_version: str, overflow_item: bytes, n_overflow: int
+) -> tuple[bytes, list[dict]]:
+    """The /predict answer's bytes (what SafeJSONResponse would render) and the
+    items of the predicted part. Item by item, so a thread rendering a big
+    answer lets the event loop run between items; the overflow items are one
+    rendered item repeated."""
+    results = assemble_results(n_accepted, jobs, outcomes, failures, model_version)
+    parts = [b'{"results":[', b",".join(dumps_compact(item) for item in results)]
+    if n_overflow:
+        parts.append(overflow_item * n_overflow)  # each starts with ","; n_accepted >= 1 here
+    parts += [b'],"model_version":', dumps_compact(model_version), b"}"]
+    return b"".join(parts), results
+
+
+_BUILTIN_EXCEPTIONS = frozenset(
+    name for name, value in vars(builtins).items() if isinstance(value, type) and issubclass(value, BaseException)
+)
+# Exception names in a Serve deployment message: the last line of a traceback
+# ("mmdet_ls.model_files.ModelFileError: ...") and Ray's "RayTaskError(Name)";
+# not Serve's own wrapper around a failed constructor, "RuntimeError: Traceback ...".
+_EXCEPTION_LINE = re.compile(
+    r"(?m)^[ \t]*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt))\b(?!: Traceback \(most recent)"
+)
+_WRAPPED_EXCEPTION = re.compile(r"RayTaskError\(([A-Za-z_]\w*)\)")
+_REPLICA_RESOURCES = re.compile(r"Resources required for each replica: (\{[^{}]{0,1000}\})")
+_LOG_DETAILS = "details in the Detector replica's log"
+_FAILED_TO_START = {
+    "ModelFileError": "the model files could not be loaded; set checkpoint_file to a local .pth file or make its "
+                      "URL reachable, and config_file to a config path or an mmdet config name",
+    "ImportError": "a Python package the model needs is not installed on the Detector's node; install "
+                   "requirements.txt there (torch, mmcv with its ops, mmdet)",
+    "FileNotFoundError": "a file the model needs is missing on the Detector's node; check config_file, "
+                         "checkpoint_file and the files the config refers to",
+    "CUDA": "the GPU is missing, busy or out of memory; set device: cpu, or give the Detector a free GPU "
+            "(ray_actor_options num_gpus) and a smaller max_batch_size",
+    "RuntimeError": "the model could not be built from config_file and checkpoint_file (e.g. a checkpoint "
+                    "saved for another config); check that they belong together",
+}
+
+
+def _replica_resources(message: str) -> str:
+    """What one replica asks for, rebuilt from numbers only (never echoed)."""
+    match = _REPLICA_RESOURCES.search(message)
+    try:
+        asked = json.loads(match.group(1)) if match else None
+    except ValueError:
+        asked = None
+    if not isinstance(asked, dict):
+        return "its ray_actor_options"
+    clean = {k: v for k, v in list(asked.items())[:8]
+             if isinstance(k, str) and re.fullmatch(r"[A-Za-z][\w.:-]{0,39}", k)
+             and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return json.dumps(clean) if clean else "its ray_actor_options"
+
+
+def describe_detector_message(message: str, status: str) -> tuple[str, str | None, str]:
+    """One line for /health from Serve's message about the Detector, which may
+    hold a whole traceback (with the checkpoint URL, credentials, local paths,
+    pids and actor ids): a fixed text per kind of problem, never the message
+    itself. Returns (detail, warning or None, what to log it as)."""
+    names = [n for n in _WRAPPED_EXCEPTION.findall(message) + _EXCEPTION_LINE.findall(message)
+             if n != "RayTaskError"]
+    if names or "Traceback" in message or "failed to start" in message:
+        raised = names[-1] if names else ""  # a traceback ends with what was raised
+        if raised == "ModelFileError":
+            key, shown = "ModelFileError", raised
+        elif raised in ("ImportError", "ModuleNotFoundError"):
+            key, shown = "ImportError", raised
+        elif raised == "FileNotFoundError":
+            key, shown = "FileNotFoundError", raised
+        elif "CUDA" in message and raised in ("RuntimeError", "AssertionError", "OutOfMemoryError",
+                                              "AcceleratorError"):
+            key, shown = "CUDA", "CUDA error"
+        elif raised == "RuntimeError":
+            key, shown = "RuntimeError", raised
+        else:
+            key, shown = None, raised if raised in _BUILTIN_EXCEPTIONS else "an unexpected error"
+        what = f"{_FAILED_TO_START[key]}; " if key else ""
+        return f"the Detector failed to start ({shown}): {what}{_LOG_DETAILS}", None, "Detector failed to start"
+    if "to be scheduled" in message or "Resources required" in message:
+        return (
+            "the Detector's replicas are waiting to be scheduled: each needs "
+            f"{_replica_resources(message)} and no node has that free (e.g. no free GPU); add a node, "
+            "or lower the Detector's ray_actor_options",
+            "detector replicas are pending for resources (e.g. no node with a free GPU)",
+            "Detector replicas pending for resources",
+        )
+    if "to initialize" in message:
+        return ("the Detector is still starting: loading the model takes a while (a checkpoint download, "
+                "a big model); /health says ready once it runs", None, "Detector slow to start")
+    if "health check" in message:
+        return (f"a Detector replica failed its health check and is being replaced; {_LOG_DETAILS}", None,
+                "Detector health check failed")
+    return (f"the Detector is not ready ({status}); details in the Serve controller's log", None,
+            "Detector not ready")
+
+
+def redact_credentials(text: str) -> str:
+    """user:password@ in URLs -> ***@ (for logs)."""
+    return re.sub(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@", r"\1***@", text)
+
+
 # serve.ingress pickles the class when it decorates it: every module-level
 # helper the methods use must be defined above this line.
 # Requests wait cheaply here (bounded by max_inflight_images); a low limit
@@ -167,13 +372,11 @@ class LabelStudioIngress:
         model_version: str,
         model_class: str = "MMDetection",
         label_studio_url: str | None = None,
-        label_studio_api_key: str | None = None,
         predict_timeout_s: float = 90.0,
         max_tasks_per_request: int = 1000,
         max_inflight_images: int = 64,
         max_request_bytes: int = 32 * 1024 * 1024,
         basic_auth_user: str | None = None,
-        basic_auth_pass: str | None = None,
         health_requires_auth: bool = False,
         max_images_per_request: int | None = None,
         body_timeout_s: float = 30.0,
@@ -183,8 +386,8 @@ class LabelStudioIngress:
         self.postprocess = postprocess
         self.model_version = model_version
         self.model_class = model_class
-        self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
-        self._api_key = label_studio_api_key
+        # Secrets are read here, from this replica's environment (never app args).
+        self._operator_access = operator_access(label_studio_url)
         self.predict_timeout_s = predict_timeout_s
         self.max_tasks_per_request = max_tasks_per_request
         self.max_request_bytes = max_request_bytes
@@ -193,9 +396,9 @@ class LabelStudioIngress:
         self.max_images_per_request = max_images_per_request or max_tasks_per_request
         self.body_timeout_s = body_timeout_s
         self._inflight = asyncio.Semaphore(max_inflight_images)
-        self._basic_auth = (basic_auth_user, basic_auth_pass) if basic_auth_user else None
+        self._basic_auth = basic_auth_setting(basic_auth_user)
         self.health_requires_auth = health_requires_auth
-        self.projects: OrderedDict[str, dict] = OrderedDict()  # project id -> hostname, token, label config
+        self.projects: OrderedDict[str, dict] = OrderedDict()  # project id -> setup access, label config
         self._health: dict = {"ready": False, "detail": "checking the detector"}
         self._health_checked = 0.0
         self._health_task: asyncio.Task | None = None
@@ -209,10 +412,12 @@ class LabelStudioIngress:
         if not self._basic_auth:
             return True
         header = request.headers.get("Authorization", "")
-        if not header.startswith("Basic "):
+        # The scheme is case-insensitive (RFC 7235): "basic" and "BASIC" are Basic too.
+        scheme, _, credentials = header.strip().partition(" ")
+        if scheme.lower() != "basic":
             return False
         try:
-            decoded = base64.b64decode(header[6:].strip(), validate=True)
+            decoded = base64.b64decode(credentials.strip(), validate=True)
         except (binascii.Error, ValueError):  # ValueError: non-ASCII characters in the header
             return False
         user, _, password = decoded.partition(b":")
@@ -229,48 +434,15 @@ class LabelStudioIngress:
         return resp
 
     async def _read_json(self, request: Request):
-        """The JSON body, or an error response (size cap, time cap, bad JSON)."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_request_bytes:
-            return None, error_response(413, f"request body is larger than {self.max_request_bytes} bytes")
-        chunks, size = [], 0
+        """The JSON body, or an error response (size, time and value caps, bad JSON)."""
+        body, _, error = await read_json_body(request, self.max_request_bytes, self.body_timeout_s,
+                                              self.max_tasks_per_request)
+        return body, error
 
-        async def receive() -> bool:
-            nonlocal size
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_request_bytes:
-                    return False
-                chunks.append(chunk)
-            return True
-
-        try:
-            complete = await asyncio.wait_for(receive(), timeout=self.body_timeout_s)
-        except asyncio.TimeoutError:  # a client trickling its body holds nothing for long
-            return None, error_response(408, f"request body not received within {self.body_timeout_s:g} s")
-        if not complete:
-            return None, error_response(413, f"request body is larger than {self.max_request_bytes} bytes")
-        if size == 0:
-            return None, error_response(400, "request body is empty; send a JSON object")
-        try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return None, error_response(400, f"request body is not valid JSON: {exc}")
-        except (ValueError, RecursionError) as exc:
-            # ValueError: an integer past Python's 4300-digit limit; RecursionError: nesting too deep.
-            detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
-            return None, error_response(400, f"request body is not valid JSON: {detail}")
-        if not isinstance(body, dict):
-            return None, error_response(400, f"request body must be a JSON object, got {type(body).__name__}")
-        return body, None
-
-    def _label_studio_access(self, project: str | None) -> tuple[str | None, str | None]:
-        """Operator settings win; /setup's hostname and token are the fallback."""
+    def _label_studio_access(self, project: str | None):
+        """The Label Studio (and the key that belongs to it) for a project."""
         stored = self.projects.get(project_key(project), {}) if project else {}
-        return (
-            self.label_studio_url or stored.get("hostname"),
-            self._api_key or stored.get("access_token"),
-        )
+        return access_for(self._operator_access, stored.get("access"))
 
     # ------------------------------------------------------------- health
     async def _refresh_health(self) -> None:
@@ -293,10 +465,15 @@ class LabelStudioIngress:
         health = {"ready": running > 0, "detector_status": str(getattr(detector.status, "value", detector.status)),
                   "detector_replicas": states}
         if detector.message:
-            health["detail"] = detector.message
-            if "scheduled" in detector.message or "resources" in detector.message:
-                health["warning"] = "detector replicas are pending for resources (e.g. no node with a free GPU)"
-                logger.warning("Detector replicas pending for resources: %s", detector.message)
+            # Serve's message may be a whole traceback: /health gets one fixed
+            # line; the message itself goes to this replica's log, once per line.
+            detail, warning, heading = describe_detector_message(detector.message, health["detector_status"])
+            health["detail"] = detail
+            if warning:
+                health["warning"] = warning
+            if getattr(self, "_detector_detail_logged", None) != detail:
+                self._detector_detail_logged = detail
+                logger.warning("%s: %s", heading, redact_credentials(detector.message))
         elif not running:
             # Ray names unschedulable replicas only after 30 s; until then either may be true.
             health["detail"] = "detector replicas are starting: loading the model, or waiting for resources"
@@ -342,12 +519,11 @@ class LabelStudioIngress:
             return error_response(400, f"label config not usable: {exc}")
         project = project_key(body.get("project"))
         if project:
-            hostname, token = body.get("hostname"), body.get("access_token")
-            self.projects[project] = {
-                "hostname": hostname.rstrip("/") if isinstance(hostname, str) and hostname else None,
-                "access_token": token if isinstance(token, str) and token else None,
-                "label_config": schema,
-            }
+            try:
+                access = setup_access(body.get("hostname"), body.get("access_token"))
+            except ValueError as exc:  # nothing is stored for bad values
+                return error_response(400, str(exc))
+            self.projects[project] = {"access": access, "label_config": schema}
             self.projects.move_to_end(project)
             while len(self.projects) > MAX_PROJECTS:
                 self.projects.popitem(last=False)
@@ -360,7 +536,9 @@ class LabelStudioIngress:
             return self._unauthorized()
         started = time.monotonic()
         deadline = started + self.predict_timeout_s
-        body, error = await self._read_json(request)
+        body, body_bytes, error = await read_json_body(
+            request, self.max_request_bytes, self.body_timeout_s, self.max_tasks_per_request
+        )
         if error:
             return error
         tasks = body.get("tasks")
@@ -379,25 +557,29 @@ class LabelStudioIngress:
 
         images_per_task = max(1, len(config.image_keys))
         limit = max(1, min(self.max_tasks_per_request, self.max_images_per_request // images_per_task))
+        # Tasks past `limit` get one compact item each, which must fit in the
+        # answer's budget (RESPONSE_BYTES_PER_BODY_BYTE x body + RESPONSE_SLACK_BYTES).
+        n_overflow = max(0, len(tasks) - limit)
+        overflow_item = b"," + dumps_compact(failure_item(too_many_tasks(limit), self.model_version))
+        if n_overflow * len(overflow_item) > RESPONSE_BYTES_PER_BODY_BYTE * body_bytes + RESPONSE_SLACK_BYTES:
+            return error_response(
+                413, f"too many tasks in one request ({len(tasks)}): one call may carry at most {limit} tasks "
+                     "with this label config; send the rest in later calls",
+            )
         accepted = tasks[:limit]
         jobs, failures = plan_jobs(accepted, config)
-        ls_url, api_key = self._label_studio_access(project)
-        outcomes = await asyncio.gather(*(self._run_job(job, ls_url, api_key, deadline) for job in jobs))
-        results = assemble_results(len(accepted), jobs, outcomes, failures, self.model_version)
-        overflow = TaskFailure(
-            "too_many_tasks",
-            f"more than {limit} tasks in one request; this task was not predicted, "
-            "retrieve predictions again for the rest",
-            retriable=True,
-        )
-        results.extend(
-            assemble_results(len(tasks) - len(accepted), [], [], {i: overflow for i in range(len(tasks) - len(accepted))},
-                             self.model_version)
-        )
-        self._record(results, outcomes, time.monotonic() - started)
-        return {"results": results, "model_version": self.model_version}
+        access = self._label_studio_access(project)
+        outcomes = await asyncio.gather(*(self._run_job(job, access, deadline) for job in jobs))
+        args = (len(accepted), jobs, outcomes, failures, self.model_version, overflow_item, n_overflow)
+        n_regions = sum(len(o.regions) for o in outcomes if isinstance(o, ImageResult))
+        if len(accepted) + n_overflow > 100 or n_regions > 1000:  # big answers: assembled and rendered off the loop
+            content, results = await asyncio.to_thread(render_predict_answer, *args)
+        else:
+            content, results = render_predict_answer(*args)
+        self._record(results, outcomes, time.monotonic() - started, overflow=(n_overflow, limit))
+        return Response(content, media_type="application/json")
 
-    async def _run_job(self, job: ImageJob, ls_url, api_key, deadline: float) -> ImageResult | TaskFailure:
+    async def _run_job(self, job: ImageJob, access, deadline: float) -> ImageResult | TaskFailure:
         remaining = deadline - time.monotonic()
         try:
             await asyncio.wait_for(self._inflight.acquire(), timeout=max(0.0, remaining))
@@ -407,7 +589,7 @@ class LabelStudioIngress:
             for attempt in range(2):
                 responses = []
                 try:
-                    loaded = self.loader.load.remote(ImageRequest(job.task_id, job.value, ls_url, api_key))
+                    loaded = self.loader.load.remote(ImageRequest(job.task_id, job.value, access))
                     detected = self.detector.detect.remote(loaded)
                     regions = self.postprocess.to_regions.remote(detected, job.targets)
                     responses = [loaded, detected, regions]
@@ -432,13 +614,20 @@ class LabelStudioIngress:
         finally:
             self._inflight.release()
 
-    def _record(self, results: list[dict], outcomes: list, request_s: float) -> None:
+    def _record(
+        self, results: list[dict], outcomes: list, request_s: float, overflow: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Metrics and one log line; `overflow`: (tasks past the limit, the limit)."""
         for item in results:
             if "error" in item:
                 metrics.tasks_total().inc(tags={"outcome": "failed"})
                 metrics.task_failures_total().inc(tags={"reason": item["error_reason"]})
             else:
                 metrics.tasks_total().inc(tags={"outcome": "predicted"})
+        n_overflow, limit = overflow
+        if n_overflow:
+            metrics.tasks_total().inc(n_overflow, tags={"outcome": "failed"})
+            metrics.task_failures_total().inc(n_overflow, tags={"reason": "too_many_tasks"})
         stages = metrics.stage_seconds()
         stages.observe(request_s, tags={"stage": "request"})
         for outcome in outcomes:
@@ -448,13 +637,16 @@ class LabelStudioIngress:
         # One line per request, not per task: a 10,000-task request of bad
         # tasks must not write 10,000 lines (the loader logs each image it could not load).
         failed = Counter(item["error_reason"] for item in results if "error" in item)
+        examples = {}
+        if n_overflow:
+            failed["too_many_tasks"] += n_overflow
+            examples["too_many_tasks"] = too_many_tasks(limit).message
         if failed:
-            examples = {}
             for item in results:
                 if "error" in item:
                     examples.setdefault(item["error_reason"], item["error"][:200])
             logger.warning(
-                "%d of %d tasks answered with an error: %s", sum(failed.values()), len(results),
+                "%d of %d tasks answered with an error: %s", sum(failed.values()), len(results) + n_overflow,
                 "; ".join(f"{reason} x{n} (e.g. {examples[reason]})" for reason, n in failed.most_common(10)),
             )
 

@@ -39,7 +39,7 @@ def images_total():
 
 
 def dropped_detections_total():
-    return counter("dropped_detections", "Detections not returned, by why (below_threshold, unmapped, invalid_box).", ("why",))
+    return counter("dropped_detections", "Detections not returned, by why (below_threshold, unmapped, invalid_box, region_cap).", ("why",))
 
 
 def batch_size_histogram():

@@ -1,4 +1,8 @@
-"""Postprocess: score threshold and detector-class -> Label Studio label mapping."""
+"""Postprocess: score threshold and detector-class -> Label Studio label mapping.
+
+At most mmdet_ls.regions.MAX_REGIONS_PER_IMAGE (1000) regions per image, over
+all <RectangleLabels> tags; the rest are counted as dropped (why="region_cap").
+"""
 from __future__ import annotations
 
 from ray import serve
@@ -42,4 +46,6 @@ class Postprocess:
             metrics.dropped_detections_total().inc(result.stats.invalid, tags={"why": "invalid_box"})
         if result.stats.unmapped:
             metrics.dropped_detections_total().inc(result.stats.unmapped, tags={"why": "unmapped"})
+        if result.stats.over_cap:  # past MAX_REGIONS_PER_IMAGE
+            metrics.dropped_detections_total().inc(result.stats.over_cap, tags={"why": "region_cap"})
         return result

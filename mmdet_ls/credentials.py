@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .image_sources import LabelStudioAccess, check_api_key
+from .image_sources import LabelStudioAccess
 from .urls import URLError
 
 MAX_SETUP_HOSTNAME_CHARS = 2048

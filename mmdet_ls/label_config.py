@@ -11,6 +11,11 @@ from defusedxml import DefusedXmlException
 _RECTANGLE_TAGS = {"rectanglelabels"}
 _IMAGE_TAGS = {"image"}
 MAX_CONFIG_BYTES = 1_000_000
+# Caps that keep one config from multiplying the answer: every <RectangleLabels>
+# tag gets its own regions for the same detections, and its name, its image's
+# name and the label value are repeated in every region it produces.
+MAX_RECTANGLE_TAGS = 16  # per config
+MAX_NAME_CHARS = 256  # name, toName (the image's name) and <Label value>
 
 
 class LabelConfigError(ValueError):
@@ -105,17 +110,32 @@ def parse_label_config(xml: str) -> ParsedLabelConfig:
             'add e.g. <RectangleLabels name="label" toName="image"> with <Label> children'
         )
 
+    if len(rectangles) > MAX_RECTANGLE_TAGS:
+        raise LabelConfigError(
+            f"label config has {len(rectangles)} <RectangleLabels> tags; at most {MAX_RECTANGLE_TAGS} are "
+            "supported in one config (each tag repeats every detection as its own regions)"
+        )
+
     targets = []
     for el in rectangles:
         name = el.get("name")
         to_name = el.get("toName")
         if not name or not to_name:
             raise LabelConfigError("<RectangleLabels> needs both name and toName attributes")
+        if len(name) > MAX_NAME_CHARS:
+            raise LabelConfigError(
+                f"<RectangleLabels name=...> is {len(name)} characters long; at most {MAX_NAME_CHARS} allowed"
+            )
         # toName may list several comma-separated objects; boxes go to the first image.
         image_name = next((n.strip() for n in to_name.split(",") if n.strip() in images), None)
         if image_name is None:
             raise LabelConfigError(
                 f'<RectangleLabels name="{name}" toName="{to_name}"> does not point to an <Image> tag'
+            )
+        if len(image_name) > MAX_NAME_CHARS:
+            raise LabelConfigError(
+                f'<RectangleLabels name="{name}">: its <Image> name is {len(image_name)} characters long; '
+                f"at most {MAX_NAME_CHARS} allowed"
             )
         value = images[image_name]
         if not value.startswith("$") or len(value) < 2:
@@ -129,6 +149,11 @@ def parse_label_config(xml: str) -> ParsedLabelConfig:
             label_value = (child.get("value") or "").strip()
             if not label_value:
                 continue
+            if len(label_value) > MAX_NAME_CHARS:
+                raise LabelConfigError(
+                    f'<RectangleLabels name="{name}">: a <Label value=...> is {len(label_value)} characters long; '
+                    f"at most {MAX_NAME_CHARS} allowed"
+                )
             predicted = _split_values(child.get("predicted_values") or "") or (label_value,)
             labels.append(LabelSpec(value=label_value, predicted_values=predicted))
         if not labels:

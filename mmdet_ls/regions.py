@@ -9,6 +9,12 @@ import numpy as np
 from .label_config import RectangleTarget
 from .label_mapping import build_label_map, normalize_class_name
 
+# Regions one image may contribute to its task, over all <RectangleLabels>
+# tags (at most 16, see label_config.MAX_RECTANGLE_TAGS): the best-scored are
+# kept. A region renders to ~350 bytes (names up to 256 characters: ~1.1 KB),
+# so one image answers with at most ~0.35-1.1 MB.
+MAX_REGIONS_PER_IMAGE = 1000
+
 
 @dataclass
 class Detections:
@@ -30,6 +36,7 @@ class RegionStats:
     below_threshold: int = 0
     unmapped: int = 0  # class maps to no label in the config
     invalid: int = 0  # non-finite or empty after clipping to the image
+    over_cap: int = 0  # past MAX_REGIONS_PER_IMAGE
 
 
 def _clip(v: float) -> float:
@@ -55,10 +62,13 @@ def detections_to_regions(
     target: RectangleTarget,
     score_threshold: float,
     stats: RegionStats | None = None,
+    max_regions: int | None = None,
 ) -> list[dict]:
     """Regions for one <RectangleLabels> target, best score first.
 
-    The tag's `model_score_threshold` overrides `score_threshold`.
+    The tag's `model_score_threshold` overrides `score_threshold`. With
+    `max_regions`, detections past that many kept regions are counted in
+    `stats.over_cap` and not turned into regions.
     """
     stats = stats if stats is not None else RegionStats()
     threshold = target.score_threshold if target.score_threshold is not None else score_threshold
@@ -80,6 +90,9 @@ def detections_to_regions(
         x, y, w, h = box_to_percent(detections.boxes[i], detections.width, detections.height)
         if w <= 0 or h <= 0:
             stats.invalid += 1  # nothing left inside the image
+            continue
+        if max_regions is not None and len(regions) >= max_regions:
+            stats.over_cap += 1
             continue
         stats.kept += 1
         regions.append(
@@ -120,12 +133,20 @@ class ImageResult:
 
 
 def image_result(
-    detections: Detections, targets, score_threshold: float
+    detections: Detections, targets, score_threshold: float, max_regions: int = MAX_REGIONS_PER_IMAGE
 ) -> ImageResult:
+    """Regions of every target, in target order, at most `max_regions` in all:
+    past that the best-scored are kept (ties: the earlier target)."""
     stats = RegionStats()
     regions = []
     for target in targets:
-        regions.extend(detections_to_regions(detections, target, score_threshold, stats))
+        regions.extend(detections_to_regions(detections, target, score_threshold, stats, max_regions))
+    if len(regions) > max_regions:
+        best = sorted(range(len(regions)), key=lambda i: -regions[i]["score"])[:max_regions]
+        dropped = len(regions) - max_regions
+        regions = [regions[i] for i in sorted(best)]
+        stats.kept -= dropped
+        stats.over_cap += dropped
     return ImageResult(
         regions=regions, stats=stats, batch_size=detections.batch_size, timings=dict(detections.timings)
     )

@@ -1,4 +1,14 @@
-"""Split a /predict call into image jobs and assemble the per-task answers."""
+"""Split a /predict call into image jobs and assemble the per-task answers.
+
+Bounds on what one answer carries (with label_config.MAX_RECTANGLE_TAGS and
+regions.MAX_REGIONS_PER_IMAGE):
+
+- MAX_ERROR_CHARS: an error item's message is cut to this many characters
+  (messages quote URLs and task ids from the request, which may be 64 KiB).
+- MAX_REGIONS_PER_RESPONSE: regions in one /predict answer, over all tasks; a
+  task whose regions do not fit in what is left gets a retriable
+  "too_many_regions" error item instead (ask again for fewer tasks).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +17,9 @@ from typing import Any
 from .failures import TaskFailure
 from .label_config import ParsedLabelConfig, RectangleTarget
 from .regions import ImageResult, mean_score
+
+MAX_ERROR_CHARS = 500
+MAX_REGIONS_PER_RESPONSE = 100_000
 
 
 @dataclass(frozen=True)
@@ -64,8 +77,11 @@ def failure_item(failure: TaskFailure, model_version: str) -> dict:
     and "Retrieve predictions" tries it again later. The error travels in the
     item for logs and API clients (Label Studio ignores unknown keys).
     """
+    message = failure.message
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
     return {
-        "error": failure.message,
+        "error": message,
         "error_reason": failure.reason,
         "retriable": failure.retriable,
         "model_version": model_version,
@@ -78,8 +94,11 @@ def assemble_results(
     outcomes: list[ImageResult | TaskFailure],
     task_failures: dict[int, TaskFailure],
     model_version: str,
+    max_regions: int = MAX_REGIONS_PER_RESPONSE,
 ) -> list[dict]:
-    """One item per task, in task order."""
+    """One item per task, in task order, with at most `max_regions` regions
+    in all: a task whose regions do not fit in what is left gets a retriable
+    "too_many_regions" error item (later, smaller tasks may still fit)."""
     regions: dict[int, list[dict]] = {}
     failures = dict(task_failures)
     for job, outcome in zip(jobs, outcomes):
@@ -88,9 +107,30 @@ def assemble_results(
         else:
             regions.setdefault(job.task_index, []).extend(outcome.regions)
     items = []
+    left = max_regions
     for index in range(n_tasks):
         if index in failures:
             items.append(failure_item(failures[index], model_version))
-        else:
-            items.append(prediction_item(regions.get(index, []), model_version))
+            continue
+        task_regions = regions.get(index, [])
+        if len(task_regions) > left:
+            items.append(failure_item(too_many_regions(max_regions), model_version))
+            continue
+        left -= len(task_regions)
+        items.append(prediction_item(task_regions, model_version))
     return items
+
+
+def too_many_regions(max_regions: int) -> TaskFailure:
+    return TaskFailure(
+        "too_many_regions",
+        f"too many regions in one response (at most {max_regions}); this task was not predicted, "
+        "ask again for it in a call with fewer tasks",
+        retriable=True,
+    )
+
+
+def too_many_tasks(limit: int) -> TaskFailure:
+    """What every task past the first `limit` of one call gets: one short
+    message shared by all, so each costs the same few bytes."""
+    return TaskFailure("too_many_tasks", f"one call takes {limit} tasks; ask again", retriable=True)

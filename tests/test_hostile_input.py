@@ -234,9 +234,7 @@ def test_ten_thousand_tasks_answered_in_order(svc):
     assert_error(results[1], "bad_task", 'task has no "data" object', retriable=False)
     assert all(results[i]["error_reason"] == "bad_task" for i in range(1000) if i not in (0, 500, 999))
     for item in results[1000:]:
-        assert_error(item, "too_many_tasks",
-                     "more than 1000 tasks in one request; this task was not predicted, retrieve predictions "
-                     "again for the rest", retriable=True)
+        assert_error(item, "too_many_tasks", "one call takes 1000 tasks; ask again", retriable=True)
 
 
 def test_huge_request_body_refused(svc):

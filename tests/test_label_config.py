@@ -77,3 +77,41 @@ def test_external_entity_is_refused():
 <View><Image name="image" value="$image"/><RectangleLabels name="l" toName="image"><Label value="&e;"/></RectangleLabels></View>"""
     with pytest.raises(LabelConfigError, match="forbidden XML features"):
         parse_label_config(xxe)
+
+
+def _rectangles(n: int, name_len: int = 1, label: str = "Car") -> str:
+    tags = "".join(
+        f'<RectangleLabels name="{"l" * name_len}{i}" toName="image"><Label value="{label}"/></RectangleLabels>'
+        for i in range(n)
+    )
+    return f'<View><Image name="image" value="$image"/>{tags}</View>'
+
+
+def test_rectangle_tags_are_capped_per_config():
+    from mmdet_ls.label_config import MAX_RECTANGLE_TAGS
+
+    assert MAX_RECTANGLE_TAGS == 16
+    assert len(parse_label_config(_rectangles(16)).targets) == 16
+    with pytest.raises(LabelConfigError) as info:
+        parse_label_config(_rectangles(17))
+    assert str(info.value) == (
+        "label config has 17 <RectangleLabels> tags; at most 16 are supported in one config "
+        "(each tag repeats every detection as its own regions)"
+    )
+    with pytest.raises(LabelConfigError, match="has 5000 <RectangleLabels> tags; at most 16"):
+        parse_label_config(_rectangles(5000))
+
+
+def test_names_repeated_in_every_region_are_capped():
+    """name, the image's name and each label value travel in every region."""
+    from mmdet_ls.label_config import MAX_NAME_CHARS
+
+    assert parse_label_config(_rectangles(1, name_len=MAX_NAME_CHARS - 1)).targets[0].from_name == "l" * 255 + "0"
+    with pytest.raises(LabelConfigError, match=r"<RectangleLabels name=\.\.\.> is 257 characters long; at most 256"):
+        parse_label_config(_rectangles(1, name_len=MAX_NAME_CHARS))
+    with pytest.raises(LabelConfigError, match=r"a <Label value=\.\.\.> is 300 characters long; at most 256"):
+        parse_label_config(_rectangles(1, label="x" * 300))
+    long_image = "i" * 300
+    with pytest.raises(LabelConfigError, match="its <Image> name is 300 characters long; at most 256"):
+        parse_label_config(f'<View><Image name="{long_image}" value="$image"/><RectangleLabels name="l" '
+                           f'toName="{long_image}"><Label value="Car"/></RectangleLabels></View>')

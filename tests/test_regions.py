@@ -59,3 +59,34 @@ def test_non_finite_and_outside_boxes_are_dropped_and_counted():
     stats = RegionStats()
     assert detections_to_regions(d, TARGET, 0.0, stats) == []
     assert (stats.invalid, stats.below_threshold) == (2, 1)
+
+
+def test_regions_are_capped_per_image_over_all_tags_best_scores_kept():
+    from mmdet_ls.regions import MAX_REGIONS_PER_IMAGE, image_result
+
+    assert MAX_REGIONS_PER_IMAGE == 1000
+    n = 100
+    boxes = [[i % 150, 0, i % 150 + 20, 50] for i in range(n)]
+    scores = [0.5 + 0.004 * i for i in range(n)]  # 0.5 .. 0.896, all above the threshold
+    d = dets(boxes, scores, ["car"] * n)
+    targets = [RectangleTarget(f"label{t}", "image", "image", TARGET.labels) for t in range(16)]
+    result = image_result(d, targets, 0.1)  # 16 tags x 100 detections = 1600 candidate regions
+    assert len(result.regions) == 1000
+    assert (result.stats.kept, result.stats.over_cap) == (1000, 600)
+    kept_scores = sorted((r["score"] for r in result.regions), reverse=True)
+    # The best 1000 of 1600: every tag's top 62 or 63 detections (scores tie across tags).
+    assert min(kept_scores) >= sorted((s for s in np.float32(scores) for _ in range(16)), reverse=True)[999]
+    # Still grouped by tag, best first inside each tag.
+    names = [r["from_name"] for r in result.regions]
+    assert names == sorted(names, key=lambda name: int(name[5:]))
+    # Under the cap nothing changes.
+    small = image_result(d, targets[:3], 0.1)
+    assert len(small.regions) == 300 and small.stats.over_cap == 0
+
+
+def test_detections_to_regions_stops_at_max_regions():
+    d = dets([[0, 0, 10, 10]] * 5, [0.9, 0.8, 0.7, 0.6, 0.95], ["car"] * 5)
+    stats = RegionStats()
+    regions = detections_to_regions(d, TARGET, 0.5, stats, max_regions=2)
+    assert [r["score"] for r in regions] == [pytest.approx(0.95), pytest.approx(0.9)]
+    assert (stats.kept, stats.over_cap) == (2, 3)
