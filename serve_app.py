@@ -59,6 +59,8 @@ class AppArgs(BaseModel):
 
     config_file: str = DEFAULT_CONFIG
     checkpoint_file: str = DEFAULT_CHECKPOINT
+    # Full sha256 of the checkpoint; else the zoo name's 8-digit prefix is checked.
+    checkpoint_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     device: str = "cpu"
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     image_dir: Optional[str] = None
@@ -138,6 +140,7 @@ def build_app(args: AppArgs) -> Application:
         device=args.device,
         torch_threads=args.torch_threads,
         stack_batches=args.stack_batches,
+        checkpoint_sha256=args.checkpoint_sha256,
     )
     postprocess = Postprocess.options(user_config={"score_threshold": args.score_threshold}).bind()
     return LabelStudioIngress.bind(

@@ -54,6 +54,7 @@ class Detector:
         device: str = "cpu",
         torch_threads: int | None = None,
         stack_batches: bool | None = None,
+        checkpoint_sha256: str | None = None,
     ):
         from mmdet_ls.inference import BatchDetector
         from mmdet_ls.model_files import resolve_checkpoint_file, resolve_config_file
@@ -63,7 +64,9 @@ class Detector:
         started = time.perf_counter()
         self.loaded_at = time.time()
         self.runner = BatchDetector(
-            resolve_config_file(config_file), resolve_checkpoint_file(checkpoint_file), device
+            resolve_config_file(config_file),
+            resolve_checkpoint_file(checkpoint_file, checkpoint_sha256=checkpoint_sha256),
+            device,
         )
         # One model call per batch pays off on a GPU; on a CPU images run one by
         # one inside the batch (a stacked CPU batch measured slower per image).

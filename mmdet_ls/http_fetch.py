@@ -176,8 +176,9 @@ class Response:
 
     def iter_chunks(self, max_bytes: int, chunk_size: int = 65536) -> Iterator[bytes]:
         length = self.header("Content-Length").strip()
-        if length.isdigit() and int(length) > max_bytes:
-            raise TaskError("too_large", f"response is {int(length)} bytes; at most {max_bytes} allowed")
+        expected = int(length) if length.isdigit() else None
+        if expected is not None and expected > max_bytes:
+            raise TaskError("too_large", f"response is {expected} bytes; at most {max_bytes} allowed")
         total = 0
         while True:
             try:
@@ -188,6 +189,9 @@ class Response:
                                 retriable=True) from None
             if not chunk:
                 self._cut.check("downloading", self.url, self._limits)  # EOF because we cut it: not a body
+                if expected is not None and total < expected and self.status not in (204, 304):
+                    raise TaskError("connection_error", f"{self.url.redacted()} closed the connection after "
+                                    f"{total} of {expected} bytes", retriable=True)
                 return
             total += len(chunk)
             if total > max_bytes:

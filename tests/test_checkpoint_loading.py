@@ -61,3 +61,21 @@ def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path, state_dict):
     torch.save({"meta": {"x": Payload()}, "state_dict": state_dict}, path)
     with pytest.raises(ModelFileError, match="outside the safe allowlist"):
         BatchDetector(resolve_config_file(RTMDET_TINY), str(path), "cpu")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "0", ""])
+def test_torch_force_no_weights_only_load_refuses_to_start(tmp_path, state_dict, monkeypatch, value):
+    """The variable turns torch.load's protection off (whatever the allowlist
+    says): loading refuses instead, and says to unset it."""
+    from mmdet_ls.model_files import safe_checkpoint_loading
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", value)
+    with pytest.raises(ModelFileError, match="unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"), safe_checkpoint_loading():
+        pass
+    path = tmp_path / "zoo.pth"
+    torch.save({"meta": {"x": Payload()}, "state_dict": state_dict}, path)
+    with pytest.raises(ModelFileError, match="unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        BatchDetector(resolve_config_file(RTMDET_TINY), str(path), "cpu")
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    with pytest.raises(ModelFileError, match="outside the safe allowlist"):  # and without it, refused as usual
+        BatchDetector(resolve_config_file(RTMDET_TINY), str(path), "cpu")

@@ -20,11 +20,27 @@ def test_bad_device_name():
         parse_device("tpu")
 
 
-def test_select_device_falls_back_to_cpu_with_one_warning(caplog):
+def test_select_device_falls_back_to_cpu_with_one_warning(caplog, monkeypatch):
+    import torch
+
     from mmdet_ls.model_files import select_device
 
-    assert select_device("gpu:0") == "cpu"  # no CUDA on this machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # same on machines with a GPU
+    assert select_device("gpu:0") == "cpu"
     assert sum("CUDA is not available" in r.message for r in caplog.records) == 1
+
+
+def test_select_device_maps_an_invisible_gpu_to_the_first_visible_one(caplog, monkeypatch):
+    import torch
+
+    from mmdet_ls.model_files import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # Ray shows a replica its own GPU only
+    assert select_device("cuda:0") == "cuda:0"
+    assert select_device("gpu:3") == "cuda:0"
+    assert sum("not visible" in r.message for r in caplog.records) == 1
+    assert select_device("cpu") == "cpu"
 
 
 def test_config_names_shipped_with_mmdet_resolve(tmp_path):
@@ -49,20 +65,47 @@ def test_model_version_tracks_checkpoint_content(tmp_path):
 
 
 def test_unreachable_checkpoint_url_says_what_to_set(tmp_path, monkeypatch):
-    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path))
+    monkeypatch.delenv("MMDET_LS_CHECKPOINT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ModelFileError) as err:
         resolve_checkpoint_file("http://127.0.0.1:9/faster_rcnn.pth", timeout_s=2)
     message = str(err.value)
-    assert "set checkpoint_file to its local path" in message and str(tmp_path) in message
+    assert "set checkpoint_file to its local path" in message
+    assert "~/.cache/mmdet-ls-backend/checkpoints" in message and str(tmp_path) not in message
+    assert list((tmp_path / ".cache" / "mmdet-ls-backend" / "checkpoints").iterdir()) == []
 
 
 def test_cached_checkpoint_url_is_not_downloaded_again(tmp_path, monkeypatch):
+    import zipfile
+
     from mmdet_ls.model_files import cached_checkpoint_path
 
     monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path))
     url = "http://127.0.0.1:9/model.pth"  # nothing listens there
-    cached_checkpoint_path(url).write_bytes(b"x")
+    with zipfile.ZipFile(cached_checkpoint_path(url), "w") as zf:  # torch.save's format
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
     assert resolve_checkpoint_file(url) == str(cached_checkpoint_path(url))
+
+
+def test_cache_file_name_is_safe_and_free_of_secrets(tmp_path, monkeypatch):
+    from mmdet_ls.model_files import cached_checkpoint_path
+
+    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path))
+    path = cached_checkpoint_path("https://ann:s3cret@example.com/a/%2e%2e%2Fx%20y.pth?sig=abc")
+    assert path.parent == tmp_path
+    assert "s3cret" not in path.name and "sig" not in path.name and "/" not in path.name
+    assert path.name.endswith("x_y.pth")
+    with pytest.raises(ModelFileError, match="not a usable URL"):
+        cached_checkpoint_path("http://a@b@example.com/x.pth")
+
+
+def test_local_checkpoint_is_checked_against_a_configured_digest(tmp_path):
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert resolve_checkpoint_file(str(ckpt), checkpoint_sha256=digest) == str(ckpt.resolve())
+    with pytest.raises(ModelFileError, match="checkpoint_sha256"):
+        resolve_checkpoint_file(str(ckpt), checkpoint_sha256=hashlib.sha256(b"other").hexdigest())
 
 
 def test_missing_checkpoint_path():
