@@ -2,7 +2,7 @@
 """Soak: saturating /predict load for N minutes, watching memory and lost tasks.
 
     .venv/bin/python bench/soak.py                    # 10 minutes, toy RTMDet, local Ray
-    .venv/bin/python bench/soak.py --minutes 3 --concurrency 8 --json bench/results/soak.json
+    .venv/bin/python bench/soak.py --minutes 3        # writes bench/results/soak-<UTC time>.json
 
 Starts its own local Ray (`ray.init(address="local")`, never touches other
 clusters) and the real deployment graph, serves images from a local HTTP
@@ -13,6 +13,11 @@ tasks each. Every `--sample-s` seconds it reads the RSS of every Serve actor
 from psutil or /proc). At the end it prints, per replica, RSS after warm-up
 vs. at the end (goal: flat within 5 %), and tasks sent vs. answered (goal:
 equal; an answered task is a prediction or an explicit error item).
+
+The result file (default bench/results/soak-<UTC time>.json, or --json)
+records the summary with its provenance: git commit and uncommitted paths,
+every argument, and the machine (CPUs, RAM, load average, Python and
+package versions), as bench/provenance.py writes it.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
+from bench.provenance import provenance, stamp  # noqa: E402
 from image_server import ImageServer  # noqa: E402
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG  # noqa: E402
 
@@ -172,8 +178,10 @@ def main() -> int:
     parser.add_argument("--checkpoint", default=str(TOY_CHECKPOINT))
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
-    parser.add_argument("--json", help="also write the summary here")
+    parser.add_argument("--json", help="write the result here (default: bench/results/soak-<UTC time>.json)")
     args = parser.parse_args()
+    args.json = args.json or str(ROOT / "bench" / "results" / f"soak-{stamp()}.json")
+    run_info = provenance({k: v for k, v in vars(args).items() if k != "json"})
 
     import ray
     from ray import serve
@@ -200,13 +208,13 @@ def main() -> int:
                 serve.run(build_app(app_args), name=APP, route_prefix="/", blocking=False)
                 url = f"http://127.0.0.1:{port}"
                 wait_ready(url, 300)
-                return run(args, url, good, bad)
+                return run(args, url, good, bad, run_info)
             finally:
                 serve.shutdown()
                 ray.shutdown()
 
 
-def run(args, url: str, good: list[str], bad: list[str]) -> int:
+def run(args, url: str, good: list[str], bad: list[str], run_info: dict) -> int:
     load = Load(url, good, bad, args.tasks_per_call, args.bad_fraction)
     duration = args.minutes * 60
     # At least a minute (or half the run): replicas' heaps grow while their
@@ -261,27 +269,33 @@ def run(args, url: str, good: list[str], bad: list[str]) -> int:
         print(f"  {short_name(name):40s} {base / 2**20:12.1f} {end / 2**20:8.1f} {peak / 2**20:8.1f} "
               f"{growth:+7.1f}%  {restarts:8d}  " + " ".join(f"{v:.0f}" for v in trend))
     lat = sorted(load.latencies) or [0.0]
+    flat = worst <= 5.0
+    complete = load.sent == load.answered
     summary = {
+        "provenance": run_info,
+        "load_average_at_end_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "warmup_s": warmup, "sample_s": args.sample_s,
         "minutes": elapsed / 60, "concurrency": args.concurrency, "tasks_per_call": args.tasks_per_call,
+        "bad_fraction": args.bad_fraction,
         "calls": load.calls, "tasks_sent": load.sent, "tasks_answered": load.answered,
         "predicted": load.predicted, "errors_by_reason": dict(load.errors),
         "calls_not_answered": dict(load.http_failures),
         "tasks_per_s": load.answered / elapsed,
         "call_latency_s": {"p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]},
         "memory": memory, "worst_replica_growth_pct": worst,
+        "replica_restarts": sum(m["restarts"] for m in memory.values()),
+        "goals": {"memory_flat_within_5_pct": flat, "every_task_answered": complete},
     }
     print(f"\ntasks sent {load.sent}, answered {load.answered} ({load.predicted} predictions, "
           f"{sum(load.errors.values())} error items: {dict(load.errors)}); calls not answered: "
           f"{dict(load.http_failures) or 0}")
     print(f"throughput {summary['tasks_per_s']:.1f} tasks/s; call latency p50 {summary['call_latency_s']['p50']:.2f} s, "
           f"p99 {summary['call_latency_s']['p99']:.2f} s, max {summary['call_latency_s']['max']:.2f} s")
-    flat = worst <= 5.0
-    complete = load.sent == load.answered
     print(f"memory flat within 5 %: {'yes' if flat else 'NO'} (worst replica {worst:+.1f} %); "
           f"every task answered: {'yes' if complete else 'NO'}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"result written to {args.json}")
     return 0 if flat and complete else 1
 
 

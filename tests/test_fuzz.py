@@ -4,10 +4,19 @@ Property: whatever the body, the answer is never a 500 and no replica logs
 an unhandled exception; a 200 from /predict has one well-formed item per
 task, in order. Image values only ever name 127.0.0.1 or carry no scheme,
 so no traffic leaves the machine.
+
+Each test counts what its run covered (HTTP statuses; for /predict, how many
+bodies reached the task level, i.e. got a 200 with at least one per-task
+item, and the outcome of every item), asserts that the run was not vacuous,
+and checks the replica logs itself, so it proves the same alone as in the
+module. With MMDET_LS_FUZZ_COVERAGE=<file> set, the counts are also written
+there (bench/fuzz_coverage.py does that and adds provenance).
 """
 import base64
+import collections
 import io
 import json
+import os
 import string
 from pathlib import Path
 
@@ -15,6 +24,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from PIL import Image
 
 from serve_app import AppArgs, build_app
@@ -41,6 +51,32 @@ FUZZ_LIMITS = {"fetch_connect_timeout_s": 1, "fetch_read_timeout_s": 1, "fetch_t
 SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 STATE: dict = {}
+COVERAGE_ENV = "MMDET_LS_FUZZ_COVERAGE"
+
+
+class Coverage:
+    """What one test's run sent and got back."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.bodies = 0
+        self.status: collections.Counter = collections.Counter()  # "<path> <status>" -> bodies
+        self.reached_tasks = 0  # /predict: a 200 with at least one per-task item
+        self.items: collections.Counter = collections.Counter()  # error_reason or "predicted" -> items
+
+    def as_dict(self) -> dict:
+        return {"bodies": self.bodies, "status": dict(sorted(self.status.items())),
+                "bodies_reaching_task_level": self.reached_tasks,
+                "task_items": dict(self.items.most_common())}
+
+    def save(self) -> None:
+        """Merge into $MMDET_LS_FUZZ_COVERAGE (one key per test), if set."""
+        path = os.environ.get(COVERAGE_ENV)
+        if not path:
+            return
+        data = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+        data[self.name] = self.as_dict()
+        Path(path).write_text(json.dumps(data, indent=2))
 
 
 def _jpeg(size=(96, 64)) -> bytes:
@@ -158,19 +194,32 @@ setup_bodies = st.one_of(
 )
 
 
-def check_predict_answer(body, resp):
+def note(text: str) -> None:
+    """hypothesis.event inside a property (for --hypothesis-show-statistics); nothing outside one."""
+    try:
+        event(text)
+    except InvalidArgument:
+        pass
+
+
+def check_predict_answer(body, resp, coverage: Coverage):
+    coverage.bodies += 1
+    coverage.status[f"/predict {resp.status_code}"] += 1
     assert resp.status_code != 500, (body, resp.text[:500])
     assert resp.status_code in (200, 400, 413), (resp.status_code, resp.text[:500])
     answer = resp.json()
-    event(f"HTTP {resp.status_code}")
+    note(f"HTTP {resp.status_code}")
     if resp.status_code != 200:
         assert answer["status"] == "error" and isinstance(answer["error"], str)
         return
     results = answer["results"]
     assert isinstance(body, dict) and isinstance(body.get("tasks"), list)
     assert len(results) == len(body["tasks"])
+    coverage.reached_tasks += bool(results)
     for item in results:
-        event(f"task: {item.get('error_reason', 'predicted')}")  # what the run covered (--hypothesis-show-statistics)
+        outcome = item.get("error_reason", "predicted")
+        coverage.items[outcome] += 1
+        note(f"task: {outcome}")
         if "result" in item:
             assert "error" not in item and isinstance(item["result"], list)
             for region in item["result"]:
@@ -185,45 +234,96 @@ def post(path, data: bytes):
                          timeout=60)
 
 
-# ------------------------------------------------------------------ properties
-@settings(max_examples=200, **SETTINGS)
-@given(body=predict_bodies)
-def test_fuzz_predict_never_500(svc, body):
-    resp = post("/predict", json.dumps(body).encode())
-    check_predict_answer(body, resp)
-
-
-@settings(max_examples=100, **SETTINGS)
-@given(body=setup_bodies)
-def test_fuzz_setup_never_500(svc, body):
-    resp = post("/setup", json.dumps(body).encode())
-    assert resp.status_code in (200, 400), (body, resp.status_code, resp.text[:300])
-    answer = resp.json()
-    assert set(answer) == {"model_version"} if resp.status_code == 200 else answer["status"] == "error"
-
-
-@settings(max_examples=80, **SETTINGS)
-@given(raw=st.one_of(st.binary(max_size=300),
-                     st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")),
-                     predict_bodies.map(lambda b: json.dumps(b).encode()[: len(json.dumps(b)) // 2])))
-def test_fuzz_raw_bodies_never_500(svc, raw):
-    for path in ("/predict", "/setup", "/webhook"):
-        resp = post(path, raw)
-        assert resp.status_code in (200, 400), (path, raw[:100], resp.status_code, resp.text[:300])
-
-
-def test_service_still_healthy_and_no_unhandled_exception_logged(svc):
+def assert_no_unhandled_exception_logged():
+    """No replica log of this Ray session holds a traceback or an unexpected loader error."""
     import ray
 
-    assert requests.get(f"{svc['url']}/health", timeout=2).json()["ready"] is True
-    body = {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.jpg"}}], "label_config": LABEL_CONFIG}
-    item = post("/predict", json.dumps(body).encode()).json()["results"][0]
-    assert "result" in item, item
     node = getattr(ray._private.worker.global_worker, "node", None) or ray._private.worker._global_node
     serve_logs = Path(node.get_session_dir_path()) / "logs" / "serve"
     replica_logs = list(serve_logs.glob("replica_*.log"))
-    assert replica_logs
+    assert {"LabelStudioIngress", "ImageLoader", "Detector", "Postprocess"} <= {
+        p.name.split("_")[2] for p in replica_logs if p.name.count("_") >= 3}, [p.name for p in replica_logs]
     for log in replica_logs:
         text = log.read_text(errors="replace")
         assert "Traceback" not in text, f"{log.name}: {text[text.index('Traceback') - 300:][:1500]}"
         assert "unexpected error loading image" not in text, log.name
+
+
+# ------------------------------------------------------------------ properties
+def test_fuzz_predict_never_500(svc):
+    coverage = Coverage("predict")
+
+    @settings(max_examples=200, **SETTINGS)
+    @given(body=predict_bodies)
+    def prop(body):
+        resp = post("/predict", json.dumps(body).encode())
+        check_predict_answer(body, resp, coverage)
+
+    prop()
+    coverage.save()
+    print(f"/predict fuzz coverage: {json.dumps(coverage.as_dict())}")
+    # Not vacuous: bodies were refused, others reached the tasks, and tasks got
+    # both predictions and per-task errors from the loader (not only bad_task).
+    assert coverage.status["/predict 400"] and coverage.reached_tasks, coverage.as_dict()
+    assert coverage.items["predicted"] and set(coverage.items) - {"predicted", "bad_task"}, coverage.as_dict()
+    assert_no_unhandled_exception_logged()
+
+
+def test_fuzz_setup_never_500(svc):
+    coverage = Coverage("setup")
+
+    @settings(max_examples=100, **SETTINGS)
+    @given(body=setup_bodies)
+    def prop(body):
+        resp = post("/setup", json.dumps(body).encode())
+        coverage.bodies += 1
+        coverage.status[f"/setup {resp.status_code}"] += 1
+        assert resp.status_code in (200, 400), (body, resp.status_code, resp.text[:300])
+        answer = resp.json()
+        assert set(answer) == {"model_version"} if resp.status_code == 200 else answer["status"] == "error"
+
+    prop()
+    coverage.save()
+    print(f"/setup fuzz coverage: {json.dumps(coverage.as_dict())}")
+    assert coverage.status["/setup 200"] and coverage.status["/setup 400"], coverage.as_dict()
+    assert_no_unhandled_exception_logged()
+
+
+def test_fuzz_raw_bodies_never_500(svc):
+    coverage = Coverage("raw")
+
+    @settings(max_examples=80, **SETTINGS)
+    @given(raw=st.one_of(st.binary(max_size=300),
+                         st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")),
+                         predict_bodies.map(lambda b: json.dumps(b).encode()[: len(json.dumps(b)) // 2])))
+    def prop(raw):
+        coverage.bodies += 1
+        for path in ("/predict", "/setup", "/webhook"):
+            resp = post(path, raw)
+            coverage.status[f"{path} {resp.status_code}"] += 1
+            assert resp.status_code in (200, 400), (path, raw[:100], resp.status_code, resp.text[:300])
+
+    prop()
+    coverage.save()
+    print(f"raw body fuzz coverage: {json.dumps(coverage.as_dict())}")
+    assert all(coverage.status[f"{p} 400"] for p in ("/predict", "/setup", "/webhook")), coverage.as_dict()
+    assert_no_unhandled_exception_logged()
+
+
+def test_hostile_image_values_answered_and_nothing_unhandled_logged(svc):
+    """Every image value the fuzzers draw from, in one call (so this test alone
+    sends them): one well-formed item each, the service still healthy, and no
+    replica log with a traceback."""
+    values = [_local(v) for v in interesting_images()]
+    body = {"tasks": [{"id": i, "data": {"image": v}} for i, v in enumerate(values)]
+            + [{"id": len(values), "data": {"image": "/data/upload/1/a.jpg"}}],
+            "label_config": LABEL_CONFIG}
+    coverage = Coverage("hostile_values")
+    resp = post("/predict", json.dumps(body).encode())
+    assert resp.status_code == 200, resp.text[:500]
+    check_predict_answer(body, resp, coverage)
+    results = resp.json()["results"]
+    assert "result" in results[-1], results[-1]
+    assert len(coverage.items) >= 6, coverage.as_dict()  # predictions and many distinct error reasons
+    assert requests.get(f"{svc['url']}/health", timeout=2).json()["ready"] is True
+    assert_no_unhandled_exception_logged()

@@ -626,12 +626,24 @@ def read_session_logs() -> list[str]:
 
 
 def test_secrets_never_in_responses_logs_or_metrics(svc):
-    url = svc["url"]
-    # Make sure the key was really used (and failed once) during this module.
-    resp = predict(svc, [task(1, "/data/upload/5/status/403"), task(2, "/data/upload/5/remote-only.png")])
-    assert_error(resp.json()["results"][0], "http_403",
+    url, web = svc["url"], svc["web"]
+    # Every secret is really used here, whatever ran before: the key (once
+    # refused), a /setup token, a URL password and a signed query, and a
+    # server setting a cookie before a second fetch from it.
+    resp = post(url, "/setup", {"project": "31.1", "schema": LABEL_CONFIG, "hostname": web.url,
+                                "access_token": SETUP_TOKEN})
+    assert resp.status_code == 200
+    signed = f"http://user:{URL_PASSWORD}@{web.host}:{web.port}/status/404?X-Amz-Signature={URL_SIGNATURE}"
+    resp = predict(svc, [task(1, "/data/upload/5/status/403"), task(2, "/data/upload/5/remote-only.png"),
+                         task(3, signed), task(4, f"{web.url}/set-cookie/good.png")])
+    results = resp.json()["results"]
+    assert_error(results[0], "http_403",
                  f"{svc['ls'].url}/data/upload/5/status/403 answered HTTP 403 (check the Label Studio API key)")
-    assert_prediction(resp.json()["results"][1])
+    assert_prediction(results[1])
+    assert_error(results[2], "http_404", f"{web.url}/status/404 answered HTTP 404")
+    assert_prediction(results[3])
+    assert_prediction(predict(svc, [task(5, f"{web.url}/good.png")]).json()["results"][0])
+    assert any(p == "/good.png" for p, _ in web.requests) and any(p.startswith("/set-cookie/") for p, _ in web.requests)
     metrics_text = requests.get(f"{url}/metrics", auth=AUTH, timeout=30).text
     logs = read_session_logs()
     assert any("ServeReplica" in t or "replica" in t.lower() for t in logs), "no Serve logs found"

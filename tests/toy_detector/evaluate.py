@@ -18,17 +18,25 @@ Sets (seeds never used for training, which used 0..1999 and 500000..):
 ``heldout`` scenes 1000000.. at the default 256-416 px sizes,
 ``gray`` the same scenes in grayscale, ``large`` 2000x900 scenes with
 scaled-up objects (seeds 2000000..).
+
+The results are written to ``evaluate_result.json`` next to this script
+(``--json`` to change), with their provenance: git commit and uncommitted
+paths, the arguments, the checkpoint's sha256 and the machine
+(bench/provenance.py).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(1, ROOT)
 
 import numpy as np  # noqa: E402
 
@@ -36,6 +44,7 @@ from scenes import CLASSES, iou, make_scene, to_grayscale  # noqa: E402
 
 CONFIG = os.path.join(HERE, 'rtmdet_toy.py')
 CHECKPOINT = os.path.join(HERE, 'rtmdet_toy_3class.pth')
+RESULT = os.path.join(HERE, 'evaluate_result.json')
 
 
 def coco_map(gts, preds):
@@ -120,8 +129,14 @@ def main(argv=None) -> int:
     ap.add_argument('--n-large', type=int, default=50, help='2000x900 scenes')
     ap.add_argument('--seed-offset', type=int, default=1_000_000)
     ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--json', default=None, help='also write the results here')
+    ap.add_argument('--json', default=RESULT, help='write the results here (default: %(default)s)')
     args = ap.parse_args(argv)
+    from bench.provenance import provenance
+    with open(args.checkpoint, 'rb') as f:
+        checkpoint_sha256 = hashlib.sha256(f.read()).hexdigest()
+    run_info = provenance({**{k: v for k, v in vars(args).items() if k != 'json'},
+                           'checkpoint_sha256': checkpoint_sha256})
+    started = time.time()
 
     import torch
     torch.set_num_threads(args.threads)
@@ -155,9 +170,10 @@ def main(argv=None) -> int:
         r = evaluate_set(model, scenes)
         results[name] = r
         print(name, json.dumps(r), flush=True)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1)
+    with open(args.json, 'w') as f:
+        json.dump({'provenance': run_info, 'wall_s': round(time.time() - started, 1), 'sets': results}, f, indent=1)
+        f.write('\n')
+    print('result written to', args.json)
     return 0
 
 
