@@ -383,6 +383,12 @@ def test_predict_timeout_answers_in_time_with_retriable_errors(svc):
         started = time.monotonic()
         resp = predict(url, tasks)
         elapsed = time.monotonic() - started
+        # The timed-out loads were cancelled: their sockets were shut and the
+        # loader's threads freed at once, so the next image does not wait for
+        # the slow server (6 s more) behind them.
+        started = time.monotonic()
+        after = predict(url, [task(500, f"{web.url}/img0.png")])
+        after_s = time.monotonic() - started
         stop.set()
         poller.join(10)
     finally:
@@ -398,6 +404,7 @@ def test_predict_timeout_answers_in_time_with_retriable_errors(svc):
         assert item == {"error": "not finished in time for Label Studio; retry later", "error_reason": "deadline",
                         "retriable": True, "model_version": item["model_version"]}
     assert health_times and max(health_times) < 1.0, health_times
+    assert "result" in after.json()["results"][0] and after_s < 3.0, (after_s, after.text[:300])
 
 
 def test_ingress_queue_limit_answers_503_with_retry_after(svc):
