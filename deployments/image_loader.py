@@ -5,7 +5,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -15,6 +14,8 @@ from mmdet_ls.failures import TaskError, TaskFailure
 from mmdet_ls.http_fetch import CancelToken, FetchLimits
 from mmdet_ls.image_sources import LabelStudioAccess, LabelStudioAuth, fetch_image_bytes
 from mmdet_ls.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageDecodeError, decode_image
+from mmdet_ls.log_text import short_id
+from mmdet_ls.lru import BoundedLRU
 from mmdet_ls.network_policy import NetworkPolicy
 
 from . import metrics
@@ -26,12 +27,6 @@ MAX_AUTH_ENTRIES = 64  # (Label Studio origin, key) pairs kept; /setup can bring
 # Images decoded at once per replica. Downloads wait on the network and may
 # all run together; a decode of a 89 MP image needs ~0.5 GB, so only a few.
 MAX_CONCURRENT_DECODES = 4
-
-
-def task_label(task_id) -> str:
-    """A task id for log lines: ids come from the request, so keep them short."""
-    text = repr(task_id)
-    return text if len(text) <= 40 else text[:40] + "..."
 
 
 @dataclass(frozen=True)
@@ -56,10 +51,9 @@ class ImageLoader:
         self.limits = FetchLimits(**(limits or {}))
         self.policy = NetworkPolicy(allow_private_networks, tuple(allowed_hosts or ()))
         self.max_image_pixels = max_image_pixels
-        # Threads share the auth cache: one lock around it (a PAT exchange
-        # holds its own lock inside LabelStudioAuth).
-        self._auth: OrderedDict[tuple, LabelStudioAuth] = OrderedDict()
-        self._auth_lock = threading.Lock()
+        # Shared by the loading threads (a PAT exchange holds its own lock
+        # inside LabelStudioAuth).
+        self._auth: BoundedLRU[tuple, LabelStudioAuth] = BoundedLRU(MAX_AUTH_ENTRIES)
         # One thread per request this replica accepts: a slow or trickling
         # server holds its own thread (up to total_timeout_s), never the ones
         # other images need. (asyncio's default pool has cpu_count + 4.)
@@ -69,16 +63,9 @@ class ImageLoader:
     def _auth_for(self, access: LabelStudioAccess | None) -> LabelStudioAuth | None:
         if access is None or not access.api_key:
             return None
-        cache_key = (access.base, access.api_key)
-        with self._auth_lock:
-            auth = self._auth.get(cache_key)
-            if auth is None:
-                auth = self._auth[cache_key] = LabelStudioAuth(access, self.limits, self.policy)
-                while len(self._auth) > MAX_AUTH_ENTRIES:
-                    self._auth.popitem(last=False)
-            else:
-                self._auth.move_to_end(cache_key)
-            return auth
+        return self._auth.get_or_create(
+            (access.base, access.api_key), lambda: LabelStudioAuth(access, self.limits, self.policy)
+        )
 
     def _load(self, request: ImageRequest, cancel: CancelToken) -> DecodedImage | TaskFailure:
         start = time.perf_counter()
@@ -107,14 +94,14 @@ class ImageLoader:
                 message = f"expected an image but the server sent {content_type.split(';')[0]}: {message}"
             failure = TaskFailure("not_an_image", message)
         except Exception as exc:  # never let one task take the loader down
-            logger.exception("unexpected error loading image of task %s", task_label(request.task_id))
+            logger.exception("unexpected error loading image of task %s", short_id(request.task_id))
             failure = TaskFailure("load_error", f"unexpected error loading the image: {type(exc).__name__}")
         else:
             image.source = fetched.source
             image.timings = {"load_s": fetched_at - start, "decode_s": time.perf_counter() - fetched_at}
             metrics.images_total().inc(tags={"source": fetched.source})
             return image
-        logger.warning("task %s: image not loaded (%s): %s", task_label(request.task_id), failure.reason, failure.message)
+        logger.warning("task %s: image not loaded (%s): %s", short_id(request.task_id), failure.reason, failure.message)
         return failure
 
     async def load(self, request: ImageRequest) -> DecodedImage | TaskFailure:

@@ -1,13 +1,22 @@
 """Our Prometheus metrics, recorded through Ray's metrics API.
 
 Ray exports them (prefixed `ray_`) on every node's metrics port; the
-ingress's GET /metrics gathers those lines from all nodes.
+ingress's GET /metrics gathers those lines from all nodes
+(collect_prometheus_text).
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from functools import lru_cache
 
+import requests
 from ray.serve import metrics
+
+from mmdet_ls.regions import ImageResult
+from mmdet_ls.tasks import too_many_tasks
+
+logger = logging.getLogger("ray.serve")
 
 PREFIX = "mmdet_ls_"
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100]
@@ -50,3 +59,68 @@ def stage_seconds():
     return histogram(
         "stage_seconds", "Latency per stage (load, decode, queue, model, request).", tuple(LATENCY_BUCKETS), ("stage",)
     )
+
+
+def record_predict(
+    results: list[dict], outcomes: list, request_s: float, overflow: tuple[int, int] = (0, 0)
+) -> None:
+    """Metrics and one log line for a /predict answer; `overflow`: (tasks past
+    the limit, the limit)."""
+    for item in results:
+        if "error" in item:
+            tasks_total().inc(tags={"outcome": "failed"})
+            task_failures_total().inc(tags={"reason": item["error_reason"]})
+        else:
+            tasks_total().inc(tags={"outcome": "predicted"})
+    n_overflow, limit = overflow
+    if n_overflow:
+        tasks_total().inc(n_overflow, tags={"outcome": "failed"})
+        task_failures_total().inc(n_overflow, tags={"reason": "too_many_tasks"})
+    stages = stage_seconds()
+    stages.observe(request_s, tags={"stage": "request"})
+    for outcome in outcomes:
+        if isinstance(outcome, ImageResult):
+            for name, seconds in outcome.timings.items():
+                stages.observe(seconds, tags={"stage": name.removesuffix("_s")})
+    # One line per request, not per task: a 10,000-task request of bad
+    # tasks must not write 10,000 lines (the loader logs each image it could not load).
+    failed = Counter(item["error_reason"] for item in results if "error" in item)
+    examples = {}
+    if n_overflow:
+        failed["too_many_tasks"] += n_overflow
+        examples["too_many_tasks"] = too_many_tasks(limit).message
+    if failed:
+        for item in results:
+            if "error" in item:
+                examples.setdefault(item["error_reason"], item["error"][:200])
+        logger.warning(
+            "%d of %d tasks answered with an error: %s", sum(failed.values()), len(results) + n_overflow,
+            "; ".join(f"{reason} x{n} (e.g. {examples[reason]})" for reason, n in failed.most_common(10)),
+        )
+
+
+def collect_prometheus_text(prefix: str = PREFIX, timeout_s: float = 2.0) -> str:
+    """Our metric families from every alive node's Ray metrics endpoint."""
+    import ray
+
+    lines: list[str] = []
+    seen_meta: set[str] = set()
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if not node.get("Alive") or not port:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
+        try:
+            text = requests.get(url, timeout=timeout_s).text
+        except requests.RequestException:
+            lines.append(f"# node {node['NodeManagerAddress']} did not answer")
+            continue
+        for line in text.splitlines():
+            if prefix not in line:
+                continue
+            if line.startswith("#"):
+                if line in seen_meta:
+                    continue
+                seen_meta.add(line)
+            lines.append(line)
+    return "\n".join(lines) + "\n"

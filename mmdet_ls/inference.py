@@ -63,7 +63,7 @@ class BatchDetector:
         with self._torch.no_grad():
             return self.model.test_step(batch)
 
-    def _to_detections(self, sample, width: int, height: int, batch_size: int, seconds: float) -> Detections:
+    def _to_detections(self, sample, width: int, height: int, seconds: float) -> Detections:
         inst = sample.pred_instances
         labels = inst.labels.cpu().numpy().astype(int)
         return Detections(
@@ -72,7 +72,6 @@ class BatchDetector:
             class_names=[self.class_names[i] if 0 <= i < len(self.class_names) else str(i) for i in labels],
             width=width,
             height=height,
-            batch_size=batch_size,
             timings={"model_s": seconds},
         )
 
@@ -92,10 +91,10 @@ class BatchDetector:
                 results[i] = TaskFailure("preprocess_error", f"preprocessing failed: {type(exc).__name__}: {exc}")
         groups = [list(range(len(slots)))] if stacked and slots else [[k] for k in range(len(slots))]
         for group in groups:
-            self._run_group(images, prepared, slots, group, results, len(images))
+            self._run_group(images, prepared, slots, group, results)
         return results  # type: ignore[return-value]
 
-    def _run_group(self, images, prepared, slots, group, results, batch_size) -> None:
+    def _run_group(self, images, prepared, slots, group, results) -> None:
         start = time.perf_counter()
         try:
             samples = self._run([prepared[k] for k in group])
@@ -103,11 +102,11 @@ class BatchDetector:
             if len(group) > 1:  # find the image that breaks the batch; the rest still run
                 logger.warning("batch of %d failed (%s); retrying one by one", len(group), exc)
                 for k in group:
-                    self._run_group(images, prepared, slots, [k], results, batch_size)
+                    self._run_group(images, prepared, slots, [k], results)
                 return
             results[slots[group[0]]] = TaskFailure("model_error", f"model failed on this image: {type(exc).__name__}: {exc}")
             return
         per_image = (time.perf_counter() - start) / len(group)
         for k, sample in zip(group, samples):
             h, w = images[slots[k]].shape[:2]
-            results[slots[k]] = self._to_detections(sample, w, h, batch_size, per_image)
+            results[slots[k]] = self._to_detections(sample, w, h, per_image)

@@ -26,7 +26,6 @@ class Detections:
     class_names: list[str]  # per box
     width: int
     height: int
-    batch_size: int = 1  # size of the model batch this image ran in
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -128,7 +127,6 @@ class ImageResult:
 
     regions: list[dict] = field(default_factory=list)
     stats: RegionStats = field(default_factory=RegionStats)
-    batch_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -147,6 +145,4 @@ def image_result(
         regions = [regions[i] for i in sorted(best)]
         stats.kept -= dropped
         stats.over_cap += dropped
-    return ImageResult(
-        regions=regions, stats=stats, batch_size=detections.batch_size, timings=dict(detections.timings)
-    )
+    return ImageResult(regions=regions, stats=stats, timings=dict(detections.timings))

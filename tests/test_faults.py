@@ -22,7 +22,8 @@ import pytest
 import requests
 
 import serve_app
-from deployments.ingress import LabelStudioIngress, classify_exception
+from deployments.ingress import LabelStudioIngress
+from deployments.ray_errors import classify_exception
 from mmdet_ls.failures import TaskFailure
 from mmdet_ls.regions import Detections
 from serve_app import AppArgs, build_app
@@ -56,8 +57,6 @@ def svc(tmp_path_factory):
         checkpoint_file=str(TOY_CHECKPOINT),
         image_dir=str(tmp / "upload"),
         allowed_hosts=["127.0.0.1"],
-        max_batch_size=4,
-        batch_wait_timeout_s=0.02,
     )
     with ImageServer(root) as web, ImageServer(root) as slow:
         url = start_serve(build_app(args))

@@ -71,11 +71,16 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 class _IngressWith:
-    def __init__(self, **extra):
-        self.extra = extra
+    """LabelStudioIngress with extra init args (test-only knobs such as body_timeout_s)."""
+
+    def __init__(self, deployment=LabelStudioIngress, **extra):
+        self.deployment, self.extra = deployment, extra
+
+    def options(self, **options):
+        return _IngressWith(self.deployment.options(**options), **self.extra)
 
     def bind(self, *args, **kwargs):
-        return LabelStudioIngress.bind(*args, **{**kwargs, **self.extra})
+        return self.deployment.bind(*args, **{**kwargs, **self.extra})
 
 
 def build(args: AppArgs, **ingress_extra):
@@ -135,8 +140,6 @@ def svc(tmp_path_factory):
             image_dir=str(image_dir),
             label_studio_url=ls.url,
             allowed_hosts=["127.0.0.3"],  # 127.0.0.2 stays blocked like any private address
-            max_batch_size=4,
-            batch_wait_timeout_s=0.02,
             basic_auth_user=AUTH_USER,
             **FETCH_LIMITS,
         )
