@@ -1,23 +1,34 @@
 # The two set-up commands (see README):
-#   make serve [SET="checkpoint_file=/path/model.pth device=cuda"]   install + run the service
-#   make test                                                       install + run the whole test suite
+#   make serve [SET="checkpoint_file=/path/model.pth score_threshold=0.3"]   install once + run the service
+#   make test                                                               install once + run the whole test suite
+# Installing runs only when the venv is missing or requirements/install scripts
+# changed since (a stamp file records it), so a second `make serve` starts
+# offline without touching pip.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= serve_config.yaml
 SET ?=
 PYTEST_ARGS ?=
+INSTALLED := $(VENV)/.installed
+INSTALLED_DEV := $(VENV)/.installed-dev
 
-.PHONY: install install-dev serve test
+.PHONY: install install-dev serve test test-fast
 
-install:
+$(INSTALLED): requirements.txt scripts/install.sh
 	bash scripts/install.sh
+	touch $@
 
-install-dev:
+$(INSTALLED_DEV): $(INSTALLED) requirements-dev.txt scripts/install_labelstudio.sh
 	INSTALL_DEV=1 bash scripts/install.sh
 	bash scripts/install_labelstudio.sh
+	touch $@
 
-serve: install
+install: $(INSTALLED)
+
+install-dev: $(INSTALLED_DEV)
+
+serve: $(INSTALLED)
 	$(PY) scripts/serve.py $(CONFIG) $(foreach s,$(SET),--set $(s))
 
-test: install-dev
+test: $(INSTALLED_DEV)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

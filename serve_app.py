@@ -1,11 +1,9 @@
 """Application builder: binds the Label Studio backend's deployment graph.
 
     serve run serve_config.yaml            # uses build_app with the YAML's args
-    serve run serve_app:build_app config_file=... checkpoint_file=...
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,86 +12,71 @@ from ray.serve import Application
 
 from deployments.detector import Detector
 from deployments.image_loader import ImageLoader
-from deployments.ingress import LabelStudioIngress
+from deployments.ingress import MAX_INFLIGHT_IMAGES, MAX_TASKS_PER_REQUEST, PREDICT_TIMEOUT_S, LabelStudioIngress
 from deployments.postprocess import Postprocess
 from mmdet_ls.credentials import basic_auth_setting, operator_access
+from mmdet_ls.devices import parse_device
+from mmdet_ls.http_fetch import FetchLimits
 from mmdet_ls.image_sources import default_image_dir
-from mmdet_ls.model_files import model_version, parse_device
+from mmdet_ls.images import DEFAULT_MAX_PIXELS
+from mmdet_ls.model_files import default_checkpoint_for, model_version
+from mmdet_ls.settings import ENV_FALLBACKS, env_value, misplaced_arg_message
 
 DEFAULT_CONFIG = "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
-DEFAULT_CHECKPOINT = (
-    "https://download.openmmlab.com/mmdetection/v2.0/faster_rcnn/faster_rcnn_r50_fpn_1x_coco/"
-    "faster_rcnn_r50_fpn_1x_coco_20200130-047c8118.pth"
-)
-# Per device, from measurement: a stacked batch on the CPU ran 10-30 % slower
-# per image than single images, so the CPU "batch" is a small queue drained
-# one image at a time; on a GPU one call for many images is the throughput.
-BATCH_DEFAULTS = {"cpu": 4, "cuda": 16}
-# On the CPU a batch's images run one by one, so waiting for company only
-# adds latency; batches still form from requests queued while the model runs.
-BATCH_WAIT_DEFAULTS = {"cpu": 0.0, "cuda": 0.01}
-
-
-def _env(*names: str) -> Optional[str]:
-    for name in names:
-        if os.environ.get(name):
-            return os.environ[name]
-    return None
-
-
-SECRET_ARGS = {
-    "label_studio_api_key": "LABEL_STUDIO_API_KEY",
-    "basic_auth_pass": "BASIC_AUTH_PASS",
-}
 
 
 class AppArgs(BaseModel):
-    """Everything the original backend took, plus serving knobs.
+    """The application parameters: the original backend's and the serving knobs.
 
-    Secrets are not args (Ray shows args to anyone with `serve config`):
-    the Label Studio key and the basic-auth password come from the
-    environment, see mmdet_ls/credentials.py.
+    Each has one owner (mmdet_ls/settings.py, docs/configuration.md): here,
+    with the environment fallbacks of settings.ENV_FALLBACKS (explicit arg >
+    environment > default). Live settings (score_threshold, batch settings)
+    belong to a deployment's user_config and secrets to the environment:
+    given as args, they are refused with a message saying where they go.
     """
 
     model_config = ConfigDict(extra="forbid")  # a misspelt arg fails instead of being ignored
 
+    # A path, an mmdet config (3.x or the seed's 2.x name) or a model name.
     config_file: str = DEFAULT_CONFIG
-    checkpoint_file: str = DEFAULT_CHECKPOINT
+    checkpoint_file: Optional[str] = None  # default: the config's zoo weights
     # Full sha256 of the checkpoint; else the zoo name's 8-digit prefix is checked.
     checkpoint_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    device: str = "cpu"
-    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    device: str = "auto"  # auto: the GPU Ray reserved for the Detector, else the CPU
+    allow_cpu_fallback: bool = False  # run on the CPU when a reserved GPU has no CUDA (tests' fake GPUs)
     image_dir: Optional[str] = None
     # Default from LABEL_STUDIO_URL / LABEL_STUDIO_HOSTNAME; its key only from the environment.
     label_studio_url: Optional[str] = None
-    max_batch_size: Optional[int] = Field(None, ge=1, le=512)
-    batch_wait_timeout_s: Optional[float] = Field(None, ge=0.0, le=10.0)  # default per device
     stack_batches: Optional[bool] = None  # default: True on GPU, False on CPU
     torch_threads: Optional[int] = Field(None, ge=1)
-    predict_timeout_s: float = Field(90.0, gt=0, le=100.0)  # Label Studio gives up at 100 s
-    max_tasks_per_request: int = Field(1000, ge=1)
-    max_inflight_images: int = Field(64, ge=1)
+    predict_timeout_s: float = Field(PREDICT_TIMEOUT_S, gt=0, le=100.0)  # Label Studio gives up at 100 s
+    max_tasks_per_request: int = Field(MAX_TASKS_PER_REQUEST, ge=1)
+    max_inflight_images: int = Field(MAX_INFLIGHT_IMAGES, ge=1)
     allow_private_networks: bool = False
     allowed_hosts: list[str] = Field(default_factory=list)
     # Image fetching limits (per image).
-    fetch_connect_timeout_s: float = Field(5.0, gt=0)
-    fetch_read_timeout_s: float = Field(15.0, gt=0)
-    fetch_total_timeout_s: float = Field(30.0, gt=0)
-    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(100_000_000, ge=1)
+    fetch_connect_timeout_s: float = Field(FetchLimits.connect_timeout_s, gt=0)
+    fetch_read_timeout_s: float = Field(FetchLimits.read_timeout_s, gt=0)
+    fetch_total_timeout_s: float = Field(FetchLimits.total_timeout_s, gt=0)
+    max_image_bytes: int = Field(FetchLimits.max_bytes, ge=1)
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     basic_auth_user: Optional[str] = None  # password: BASIC_AUTH_PASS in the environment
     health_requires_auth: bool = False
+    log_level: Optional[str] = None  # DEBUG, INFO, WARNING, ERROR for every deployment
 
     @model_validator(mode="before")
     @classmethod
-    def _no_secrets(cls, values):
-        if isinstance(values, dict):
-            for arg, env in SECRET_ARGS.items():
-                if arg in values:
-                    raise ValueError(
-                        f"{arg} is a secret and not an app arg (Ray shows app args to anyone with `serve config`): "
-                        f"set {env} (or {env}_FILE) in the environment of the Ray cluster instead"
-                    )
+    def _owners(cls, values):
+        values = dict(values or {})
+        for name in values:
+            message = misplaced_arg_message(name)
+            if message:
+                raise ValueError(message)
+        for name, env_names in ENV_FALLBACKS.items():
+            if values.get(name) is None:
+                value = env_value(*env_names)
+                if value is not None:
+                    values[name] = value
         return values
 
     @field_validator("device")
@@ -102,23 +85,31 @@ class AppArgs(BaseModel):
         parse_device(value)
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _valid_log_level(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+        return value.upper() if value else value
+
     def resolved_image_dir(self) -> str:
-        return str(Path(self.image_dir or _env("IMAGE_DIR") or default_image_dir()).expanduser())
+        return str(Path(self.image_dir or default_image_dir()).expanduser())
 
 
 def build_app(args: AppArgs) -> Application:
     if isinstance(args, dict):
         args = AppArgs(**args)
-    device_kind = "cpu" if parse_device(args.device) == "cpu" else "cuda"
-    max_batch_size = args.max_batch_size or BATCH_DEFAULTS[device_kind]
-    batch_wait_timeout_s = (
-        BATCH_WAIT_DEFAULTS[device_kind] if args.batch_wait_timeout_s is None else args.batch_wait_timeout_s
-    )
     # Fail here, with the setting to fix, not later in a replica.
     operator_access(args.label_studio_url)
     basic_auth_setting(args.basic_auth_user)
+    checkpoint_file = args.checkpoint_file or default_checkpoint_for(args.config_file)
+    if not checkpoint_file:
+        raise ValueError(f"config_file {args.config_file!r} has no zoo weights: set checkpoint_file")
+    # Deployment options belong to the serve config; only logging is set here,
+    # because LOG_LEVEL / log_level is its documented owner.
+    logged = {"logging_config": {"log_level": args.log_level}} if args.log_level else {}
 
-    loader = ImageLoader.bind(
+    loader = ImageLoader.options(**logged).bind(
         image_dir=args.resolved_image_dir(),
         limits={
             "connect_timeout_s": args.fetch_connect_timeout_s,
@@ -131,23 +122,21 @@ def build_app(args: AppArgs) -> Application:
         allowed_hosts=list(args.allowed_hosts),
         max_image_pixels=args.max_image_pixels,
     )
-    detector = Detector.options(
-        max_ongoing_requests=max(16, 2 * max_batch_size),
-        user_config={"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s},
-    ).bind(
+    detector = Detector.options(**logged).bind(
         config_file=args.config_file,
-        checkpoint_file=args.checkpoint_file,
+        checkpoint_file=checkpoint_file,
         device=args.device,
+        allow_cpu_fallback=args.allow_cpu_fallback,
         torch_threads=args.torch_threads,
         stack_batches=args.stack_batches,
         checkpoint_sha256=args.checkpoint_sha256,
     )
-    postprocess = Postprocess.options(user_config={"score_threshold": args.score_threshold}).bind()
-    return LabelStudioIngress.bind(
+    postprocess = Postprocess.options(**logged).bind()
+    return LabelStudioIngress.options(**logged).bind(
         loader,
         detector,
         postprocess,
-        model_version=model_version(args.config_file, args.checkpoint_file),
+        model_version=model_version(args.config_file, checkpoint_file),
         model_class=f"MMDetection({Path(args.config_file).stem})",
         label_studio_url=args.label_studio_url,
         predict_timeout_s=args.predict_timeout_s,

@@ -16,8 +16,7 @@ class NoopBatchDetector:
 
     def detect(self, images, stacked=True):
         return [
-            Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), [], im.shape[1], im.shape[0],
-                       batch_size=len(images))
+            Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), [], im.shape[1], im.shape[0])
             for im in images
         ]
 
@@ -30,6 +29,7 @@ class NoopDetector(Detector.func_or_class):
         self.loaded_at = time.time()
         self.runner = NoopBatchDetector()
         self.stack_batches = False
+        self.reconfigure(None)
 
 
 def build_app(args):

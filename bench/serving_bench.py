@@ -126,7 +126,7 @@ class Service:
         for dep in app["deployments"]:
             if dep["name"] == "Detector":
                 dep["ray_actor_options"]["num_cpus"] = threads
-                dep["user_config"]["max_batch_size"] = max_batch
+                dep.setdefault("user_config", {})["max_batch_size"] = max_batch
                 dep["max_ongoing_requests"] = max(dep.get("max_ongoing_requests", 16), 2 * max_batch)
             elif not device.startswith("cuda"):
                 # Logical only: lets the detector own every core, as the raw floor does.

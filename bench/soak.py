@@ -176,7 +176,6 @@ def main() -> int:
                         help="part of the run before the RSS baseline is taken (at least 60 s or half the run)")
     parser.add_argument("--config", default=str(TOY_CONFIG))
     parser.add_argument("--checkpoint", default=str(TOY_CHECKPOINT))
-    parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     parser.add_argument("--json", help="write the result here (default: bench/results/soak-<UTC time>.json)")
     args = parser.parse_args()
@@ -203,8 +202,7 @@ def main() -> int:
                 port = free_port()
                 serve.start(http_options={"host": "127.0.0.1", "port": port})
                 app_args = AppArgs(config_file=args.config, checkpoint_file=args.checkpoint,
-                                   image_dir=str(Path(tmp) / "upload"), allowed_hosts=["127.0.0.1"],
-                                   max_batch_size=args.max_batch_size)
+                                   image_dir=str(Path(tmp) / "upload"), allowed_hosts=["127.0.0.1"])
                 serve.run(build_app(app_args), name=APP, route_prefix="/", blocking=False)
                 url = f"http://127.0.0.1:{port}"
                 wait_ready(url, 300)

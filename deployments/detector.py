@@ -11,13 +11,20 @@ from ray import serve
 from mmdet_ls.failures import TaskFailure
 from mmdet_ls.images import DecodedImage
 from mmdet_ls.regions import Detections
+from mmdet_ls.settings import SettingError, check_user_config
 
 from . import metrics
 
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_MAX_BATCH_SIZE = 4
-DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.01
+# Batching defaults per device, from measurement: a stacked batch on the CPU
+# ran 10-30 % slower per image than single images, so the CPU "batch" is a
+# small queue drained one image at a time, with no waiting for company
+# (batches still form from requests queued while the model runs); on a GPU
+# one call for many images is the throughput. The Detector's user_config in
+# the serve config overrides them, live.
+BATCH_DEFAULTS = {"cpu": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
+                  "cuda": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}}
 
 
 def replica_cpu_count() -> int:
@@ -41,21 +48,19 @@ def limit_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=16,
-    user_config={"max_batch_size": DEFAULT_MAX_BATCH_SIZE, "batch_wait_timeout_s": DEFAULT_BATCH_WAIT_TIMEOUT_S},
-)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class Detector:
     def __init__(
         self,
         config_file: str,
         checkpoint_file: str,
-        device: str = "cpu",
+        device: str = "auto",
+        allow_cpu_fallback: bool = False,
         torch_threads: int | None = None,
         stack_batches: bool | None = None,
         checkpoint_sha256: str | None = None,
     ):
+        from mmdet_ls.devices import replica_device
         from mmdet_ls.inference import BatchDetector
         from mmdet_ls.model_files import resolve_checkpoint_file, resolve_config_file
 
@@ -66,8 +71,9 @@ class Detector:
         self.runner = BatchDetector(
             resolve_config_file(config_file),
             resolve_checkpoint_file(checkpoint_file, checkpoint_sha256=checkpoint_sha256),
-            device,
+            replica_device(device, allow_cpu_fallback),
         )
+        self.reconfigure(None)  # the per-device defaults until a user_config says otherwise
         # One model call per batch pays off on a GPU; on a CPU images run one by
         # one inside the batch (a stacked CPU batch measured slower per image).
         self.stack_batches = self.runner.device != "cpu" if stack_batches is None else stack_batches
@@ -77,12 +83,30 @@ class Detector:
             time.perf_counter() - started,
         )
 
-    def reconfigure(self, user_config: dict) -> None:
+    def reconfigure(self, user_config: dict | None) -> None:
         """Batch settings change at run time, without reloading the model."""
-        self.max_batch_size = int(user_config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE))
-        self.batch_wait_timeout_s = float(user_config.get("batch_wait_timeout_s", DEFAULT_BATCH_WAIT_TIMEOUT_S))
-        self.detect_batch.set_max_batch_size(self.max_batch_size)
-        self.detect_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+        settings = {**BATCH_DEFAULTS["cpu" if self.runner.device == "cpu" else "cuda"],
+                    **check_user_config("Detector", user_config)}
+        max_batch_size, wait_s = int(settings["max_batch_size"]), float(settings["batch_wait_timeout_s"])
+        if not 1 <= max_batch_size <= 512 or not 0.0 <= wait_s <= 10.0:
+            raise SettingError(f"Detector user_config: max_batch_size must be 1-512 and batch_wait_timeout_s "
+                               f"0-10 s, got {max_batch_size} and {wait_s}")
+        ongoing = self._max_ongoing_requests()
+        if ongoing is not None and max_batch_size > ongoing:
+            raise SettingError(f"Detector user_config: max_batch_size {max_batch_size} is above the Detector's "
+                               f"max_ongoing_requests {ongoing}, so batches could never fill; raise "
+                               "max_ongoing_requests in the serve config (2 x max_batch_size lets the next batch "
+                               "fill while one runs)")
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, wait_s
+        self.detect_batch.set_max_batch_size(max_batch_size)
+        self.detect_batch.set_batch_wait_timeout_s(wait_s)
+
+    @staticmethod
+    def _max_ongoing_requests() -> int | None:
+        try:  # Serve's private replica context: the deployment options in force
+            return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+        except Exception:
+            return None
 
     def info(self) -> dict:
         return {
@@ -106,7 +130,8 @@ class Detector:
             result.timings["queue_and_model_s"] = time.perf_counter() - queued
         return result
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    @serve.batch(max_batch_size=BATCH_DEFAULTS["cpu"]["max_batch_size"],
+                 batch_wait_timeout_s=BATCH_DEFAULTS["cpu"]["batch_wait_timeout_s"])
     async def detect_batch(self, images: list[DecodedImage]) -> list[Detections | TaskFailure]:
         metrics.batch_size_histogram().observe(len(images))
         # The model runs in a thread so the replica keeps accepting requests

@@ -10,29 +10,18 @@ from ray import serve
 from mmdet_ls.failures import TaskFailure
 from mmdet_ls.label_config import RectangleTarget
 from mmdet_ls.regions import Detections, ImageResult, image_result
+from mmdet_ls.settings import check_user_config, score_threshold
 
 from . import metrics
 
-DEFAULT_SCORE_THRESHOLD = 0.5
-
-
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.1},
-    max_ongoing_requests=64,
-    user_config={"score_threshold": DEFAULT_SCORE_THRESHOLD},
-)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class Postprocess:
     def __init__(self):
-        self.score_threshold = DEFAULT_SCORE_THRESHOLD
+        self.score_threshold = score_threshold(None)  # SCORE_THRESHOLD, else 0.5, until a user_config says
 
-    def reconfigure(self, user_config: dict) -> None:
-        threshold = float(user_config.get("score_threshold", DEFAULT_SCORE_THRESHOLD))
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"score_threshold must be between 0 and 1, got {threshold}")
-        self.score_threshold = threshold
-
-    def get_score_threshold(self) -> float:
-        return self.score_threshold
+    def reconfigure(self, user_config: dict | None) -> None:
+        """score_threshold from this deployment's user_config, applied live."""
+        self.score_threshold = score_threshold(check_user_config("Postprocess", user_config))
 
     def to_regions(
         self, detections: Detections | TaskFailure, targets: tuple[RectangleTarget, ...]

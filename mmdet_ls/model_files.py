@@ -3,16 +3,21 @@ and load checkpoints safely under torch's weights_only unpickler."""
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import http.client
+import importlib.util
 import logging
 import os
 import re
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from . import http_fetch
@@ -23,7 +28,7 @@ from .urls import URL, parse_url
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_CACHE_ENV = "MMDET_LS_CHECKPOINT_CACHE"
+CHECKPOINT_CACHE_ENV = "MODEL_DIR"  # as in Label Studio's ML backends; MMDET_LS_CHECKPOINT_CACHE is its old name
 
 
 class ModelFileError(RuntimeError):
@@ -31,27 +36,231 @@ class ModelFileError(RuntimeError):
 
 
 def mmdet_config_dir() -> Path:
-    import mmdet
+    """The `configs` folder of the installed mmdet: `mmdet/.mim/configs` in a
+    wheel, the repository's `configs` in a source checkout (mmengine's rule)."""
+    return _mmdet_mim_dir() / "configs"
 
-    return Path(mmdet.__file__).parent / ".mim" / "configs"
+
+def _mmdet_mim_dir() -> Path:
+    """Where mmdet's `configs` and `model-index.yml` are, by the rule of mmengine's
+    `BaseInferencer._get_repo_or_mim_dir`, found without importing mmdet (and torch):
+    `model_version` runs in the process that builds the app."""
+    spec = importlib.util.find_spec("mmdet")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError("mmdet is not installed here: it is needed to find its configs")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    return package.parent if (package.parent / "configs").is_dir() else package / ".mim"
 
 
-def resolve_config_file(config_file: str) -> str:
-    """A path, or a config name shipped in the mmdet package
-    (`faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py`, also as `mmdet::...`)."""
-    if not config_file:
+# Renames from MMDetection 2.x to 3.x config names, on top of '_' vs '-':
+# "mstrain" became "ms", and "8x2" (GPUs x images per GPU) became "8xb2".
+_GPU_BATCH_TOKEN_RE = re.compile(r"^(\d+)x(\d+)$")
+_RENAMED_TOKENS = {"mstrain": "ms"}
+
+
+def _name_key(name: str) -> str:
+    """A config or model name with MMDetection 2.x -> 3.x spelling differences removed."""
+    tokens = name.strip().lower().replace("-", "_").split("_")
+    tokens = [_GPU_BATCH_TOKEN_RE.sub(r"\1xb\2", _RENAMED_TOKENS.get(t, t)) for t in tokens]
+    return "_".join(tokens)
+
+
+def _config_stem(name: str) -> str:
+    """`faster-rcnn_r50_fpn_1x_coco.py` -> `faster-rcnn_r50_fpn_1x_coco`; names may hold dots
+    (`mask-rcnn_regnetx-3.2GF_fpn_ms-3x_coco`), so only a `.py` suffix is cut."""
+    return name.removesuffix(".py")
+
+
+@dataclass(frozen=True)
+class ShippedConfigs:
+    """mmdet's shipped configs and its metafiles' models, looked up by name.
+
+    `tables` are tried in order; each maps a key (made from the asked name by
+    its `key` function) to the configs (paths relative to `root`) it names.
+    """
+
+    root: Path
+    configs: frozenset[str]
+    dirs: frozenset[str]
+    tables: tuple[tuple[str, Callable[[str], str], dict[str, tuple[str, ...]]], ...]
+    weights: dict[str, str]  # config -> zoo checkpoint URL of its (first) metafile model
+    suggestions: dict[str, str]  # _name_key(config stem, model name or alias) -> config
+
+
+def _metafile_models(mim_dir: Path) -> list[dict]:
+    """Every model of every metafile that model-index.yml imports: the walk of
+    mmengine's `BaseInferencer._get_models_from_metafile` (what DetInferencer uses
+    to find `rtmdet-t`), with mmengine's file loader but without importing torch."""
+    from mmengine.fileio import load
+
+    models: list[dict] = []
+    for meta in load(str(mim_dir / "model-index.yml")).get("Import") or []:
+        models.extend(m for m in (load(str(mim_dir / meta)) or {}).get("Models") or [] if isinstance(m, dict))
+    return models
+
+
+def _add(table: dict[str, list[str]], key: str, config: str) -> None:
+    if key and config not in table.setdefault(key, []):
+        table[key].append(config)
+
+
+@lru_cache(maxsize=1)
+def shipped_configs() -> ShippedConfigs:
+    """The index of mmdet's configs and metafiles, built once per process."""
+    mim_dir = _mmdet_mim_dir()
+    root = mim_dir / "configs"
+    configs = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*.py") if "_base_" not in p.relative_to(root).parts
+    )
+    by_stem: dict[str, list[str]] = {}
+    by_stem_key: dict[str, list[str]] = {}
+    for config in configs:
+        stem = _config_stem(PurePosixPath(config).name)
+        _add(by_stem, stem, config)
+        _add(by_stem_key, _name_key(stem), config)
+
+    def shipped(model: dict) -> str | None:
+        """The model's config; some metafiles name it wrongly (`gn%2Bws`, an old folder)."""
+        written = unquote(str(model.get("Config") or "")).removeprefix("configs/")
+        if written in by_stem.get(_config_stem(PurePosixPath(written).name), ()):
+            return written
+        for table, key in ((by_stem, _config_stem(PurePosixPath(written).name)),
+                           (by_stem_key, _name_key(str(model.get("Name", ""))))):
+            found = table.get(key, ())
+            if len(found) == 1:
+                return found[0]
+        return None
+
+    by_name: dict[str, list[str]] = {}
+    by_name_key: dict[str, list[str]] = {}
+    by_checkpoint_key: dict[str, list[str]] = {}
+    weights: dict[str, str] = {}
+    suggestions = {_name_key(_config_stem(PurePosixPath(c).name)): c for c in configs}
+    seen: set[str] = set()
+    for model in _metafile_models(mim_dir):
+        config = shipped(model)
+        if config is None:
+            continue
+        aliases = model.get("Alias") or []
+        names = [str(model.get("Name", ""))] + ([aliases] if isinstance(aliases, str) else [str(a) for a in aliases])
+        for name in filter(None, names):
+            _add(by_name, name.lower(), config)
+            _add(by_name_key, _name_key(name), config)
+            suggestions.setdefault(_name_key(name), config)
+        url = model.get("Weights")
+        if isinstance(url, str) and url:
+            # Zoo checkpoints sit in a folder named after their 2.x config:
+            # .../faster_rcnn_r50_fpn_1x_coco/faster_rcnn_r50_fpn_1x_coco_20200130-047c8118.pth
+            folder = unquote(urlsplit(url).path).split("/")[-2:-1]
+            if folder:
+                _add(by_checkpoint_key, _name_key(folder[0]), config)
+        if config not in seen:  # as mmengine.hub.get_config: a config's first model gives its weights
+            seen.add(config)
+            if isinstance(url, str) and url:
+                weights[config] = url
+    dirs = {str(PurePosixPath(c).parent) for c in configs}
+    dirs |= {d.split("/", 1)[0] for d in dirs}
+
+    def frozen(table: dict[str, list[str]]) -> dict[str, tuple[str, ...]]:
+        return {key: tuple(found) for key, found in table.items()}
+
+    tables = (
+        ("the config of that name", lambda s: s, frozen(by_stem)),
+        ("the config of that model in mmdet's metafiles", str.lower, frozen(by_name)),
+        ("mmdet 3's name for that config", _name_key, frozen(by_stem_key)),
+        ("the config of that model in mmdet's metafiles", _name_key, frozen(by_name_key)),
+        ("the config whose zoo checkpoint carries that name", _name_key, frozen(by_checkpoint_key)),
+    )
+    return ShippedConfigs(root, frozenset(configs), frozenset(dirs), tables, weights, suggestions)
+
+
+def _shipped_relative(config_file: str) -> PurePosixPath:
+    """The part of a config name under mmdet's `configs`: drops `mmdet::` and
+    everything up to a `configs/` folder (`mmdetection/configs/faster_rcnn/x.py`)."""
+    parts = PurePosixPath(config_file.strip().removeprefix("mmdet::")).parts
+    if "configs" in parts:
+        parts = parts[len(parts) - parts[::-1].index("configs"):]
+    return PurePosixPath(*parts) if parts else PurePosixPath()
+
+
+def _closest_names(index: ShippedConfigs, stem: str) -> list[str]:
+    keys = difflib.get_close_matches(_name_key(stem), list(index.suggestions), n=10, cutoff=0.6)
+    return list(dict.fromkeys(index.suggestions[k] for k in keys))[:5]
+
+
+def _find_config(config_file: str) -> tuple[Path, str | None]:
+    """(config path, how a name that is not a path was matched, or None)."""
+    if not config_file or not config_file.strip():
         raise ModelFileError("config_file is empty: set it to a config path or an mmdet config name")
     path = Path(os.path.expanduser(config_file))
     if path.is_file():
-        return str(path.resolve())
-    name = config_file.removeprefix("mmdet::")
-    shipped = mmdet_config_dir() / name
-    if shipped.is_file():
-        return str(shipped)
+        return path.resolve(), None
+    root = mmdet_config_dir()
+    rel = _shipped_relative(config_file)
+    plain = not rel.is_absolute() and ".." not in rel.parts and rel.name
+    if plain and (root / rel).is_file():
+        exact = rel.as_posix() == config_file.strip().removeprefix("mmdet::")
+        return root / rel, None if exact else "the same path under mmdet's configs"
+    index = shipped_configs()
+    family = str(rel.parent) if plain else ""
+    if plain and (family == "." or family in index.dirs):
+        stem = _config_stem(rel.name)
+        for how, key, table in index.tables:
+            found = table.get(key(stem), ())
+            if len(found) > 1 and family != ".":  # e.g. grounding_dino/ vs mm_grounding_dino/
+                found = (
+                    tuple(f for f in found if str(PurePosixPath(f).parent) == family)
+                    or tuple(f for f in found if f.split("/", 1)[0] == family.split("/", 1)[0])
+                    or found
+                )
+            if len(found) == 1:
+                return root / found[0], how
+            if found:
+                raise ModelFileError(
+                    f"config_file {config_file!r} names more than one config shipped with mmdet: "
+                    f"{', '.join(found[:5])}; set config_file to one of them"
+                )
+    close = _closest_names(index, _config_stem(rel.name or config_file))
+    hint = (
+        f"closest names: {', '.join(close)}" if close
+        else "e.g. 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py' or 'rtmdet_tiny_8xb32-300e_coco'"
+    )
     raise ModelFileError(
         f"config_file {config_file!r} is neither a file nor a config shipped with mmdet "
-        f"(looked in {mmdet_config_dir()}); e.g. 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'"
+        f"(nor a 2.x name or a model name of its metafiles); {hint}"
     )
+
+
+def resolve_config_file(config_file: str) -> str:
+    """The config file to load. In this order: an existing file; a config shipped
+    with mmdet (`faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py`, also `mmdet::...`,
+    `configs/...`, `mmdetection/configs/...`); an MMDetection 2.x name of one
+    (`faster_rcnn/faster_rcnn_r50_fpn_1x_coco.py`); a model name (or alias) from
+    mmdet's metafiles (`rtmdet_tiny_8xb32-300e_coco`, `rtmdet-t`). Logs what a
+    name that is not a path resolved to; fails with the closest names."""
+    path, how = _find_config(config_file)
+    if how:
+        logger.info("config_file %r resolved to mmdet's %s (%s)", config_file, _shipped_name(path), how)
+    return str(path)
+
+
+def _shipped_name(path: Path) -> str | None:
+    """`faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py` for a config shipped with mmdet, else None."""
+    try:
+        return path.resolve().relative_to(mmdet_config_dir().resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def default_checkpoint_for(config_file: str) -> str | None:
+    """The zoo checkpoint URL of a config shipped with mmdet (however it is named,
+    see resolve_config_file): the `Weights` of the metafile model whose `Config`
+    it is, the same URL `mmengine.hub.get_config(..., pretrained=True)` gives.
+    None for configs of one's own and configs without zoo weights; ModelFileError
+    when config_file names no config."""
+    path, _ = _find_config(config_file)
+    name = _shipped_name(path)
+    return shipped_configs().weights.get(name) if name else None
 
 
 _URL_SCHEME_RE = re.compile(r"^\s*https?:", re.IGNORECASE)
@@ -79,7 +288,13 @@ _OFFLINE_HINT = (
 
 def checkpoint_cache_dir() -> Path:
     default = Path.home() / ".cache" / "mmdet-ls-backend" / "checkpoints"
-    return Path(os.environ.get(CHECKPOINT_CACHE_ENV) or default)
+    from .settings import env_value
+
+    try:
+        folder = env_value(CHECKPOINT_CACHE_ENV, "MMDET_LS_CHECKPOINT_CACHE")
+    except ValueError as exc:
+        raise ModelFileError(str(exc)) from None
+    return Path(folder or default)
 
 
 def cache_dir_display() -> str:
@@ -308,12 +523,24 @@ def file_digest(path: str) -> str:
 def model_version(config_file: str, checkpoint_file: str) -> str:
     """Stable id of the model: config name + checkpoint digest.
 
-    Local checkpoints are digested by content; URLs by the URL itself (zoo
-    URLs carry their own hash), so the version is known before download.
+    The same for every name of one config (a 2.x name, a shipped path, a
+    metafile model name: the stem of the config they resolve to); a config
+    file of one's own keeps its own stem. Local checkpoints are digested by
+    content; URLs by the URL itself without user:password (zoo URLs carry
+    their own hash), so the version is known before download.
     """
     stem = Path(urlsplit(config_file).path).stem or "model"
+    if not Path(os.path.expanduser(config_file)).is_file():
+        try:
+            stem = Path(_find_config(config_file)[0]).stem
+        except (ModelFileError, ImportError, OSError):
+            pass  # the replica reports it; the version keeps the name as given
     if is_url(checkpoint_file):
-        digest = hashlib.sha256(checkpoint_file.encode()).hexdigest()
+        try:
+            text = parse_url(checkpoint_file).without_userinfo()
+        except TaskError:
+            text = checkpoint_file
+        digest = hashlib.sha256(text.encode()).hexdigest()
     elif Path(checkpoint_file).is_file():
         digest = file_digest(checkpoint_file)
     else:

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Run `serve run CONFIG`, optionally overriding application args first.
+"""Run `serve run CONFIG`, optionally overriding settings first.
 
-    python scripts/serve.py serve_config.yaml --set checkpoint_file=/models/frcnn.pth
+    python scripts/serve.py serve_config.yaml --set checkpoint_file=/models/frcnn.pth --set score_threshold=0.3
 
+Each KEY goes where it is owned (mmdet_ls/settings.py): live settings
+(score_threshold, max_batch_size, batch_wait_timeout_s) into their
+deployment's user_config, everything else into the application's args.
 Overrides go into a copy of the config (the original stays untouched); then
 this process becomes `serve run` on it.
 """
@@ -13,8 +16,12 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a script: the project root is not on sys.path
+from mmdet_ls.settings import LIVE_SETTINGS  # noqa: E402
 
 
 def parse_value(raw: str):
@@ -23,12 +30,21 @@ def parse_value(raw: str):
 
 def apply_overrides(config: dict, overrides: list[str], port: int | None) -> dict:
     app = config["applications"][0]
-    args = app.setdefault("args", {}) or {}
+    args = app.get("args") or {}
+    deployments = app.setdefault("deployments", [])
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise SystemExit(f"--set expects key=value, got {item!r}")
-        args[key.strip()] = parse_value(value.strip())
+        if key in LIVE_SETTINGS:
+            owner = next((d for d in deployments if d.get("name") == LIVE_SETTINGS[key]), None)
+            if owner is None:
+                owner = {"name": LIVE_SETTINGS[key]}
+                deployments.append(owner)
+            owner.setdefault("user_config", {})[key] = parse_value(value.strip())
+        else:
+            args[key] = parse_value(value.strip())
     app["args"] = args
     if port:
         config.setdefault("http_options", {})["port"] = port

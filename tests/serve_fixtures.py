@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import requests
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -70,16 +73,17 @@ def serve_config_for_test(port: int, args: dict, path=None) -> dict:
     return config
 
 
-def deploy_config(config: dict, timeout_s: float = 300) -> None:
+def deploy_config(config: dict, timeout_s: float = 300, app_name: str | None = None) -> None:
     """Deploy a serve config the way `serve deploy` does (declaratively), so
     later config changes are applied in place: a changed user_config only
-    calls reconfigure() on the running replicas."""
+    calls reconfigure() on the running replicas. Waits for `app_name` (the
+    first application by default) to run."""
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config))
-    name = config["applications"][0]["name"]
+    name = app_name or config["applications"][0]["name"]
 
     def running():
         app = serve.status().applications.get(name)

@@ -154,7 +154,7 @@ def server(servers):
 def cache(tmp_path, monkeypatch):
     folder = tmp_path / "cache"
     folder.mkdir()
-    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(folder))
+    monkeypatch.setenv("MODEL_DIR", str(folder))
     return folder
 
 
@@ -376,7 +376,7 @@ def test_messages_and_logs_never_show_userinfo_query_or_absolute_paths(
     server, tmp_path, monkeypatch, caplog, scenario
 ):
     caplog.set_level(logging.DEBUG)
-    monkeypatch.delenv("MMDET_LS_CHECKPOINT_CACHE", raising=False)
+    monkeypatch.delenv("MODEL_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     body = zip_checkpoint()
     path = "/" + zoo_name(b"something else")
@@ -416,11 +416,11 @@ def test_messages_and_logs_never_show_userinfo_query_or_absolute_paths(
 
 
 def test_cache_outside_home_is_named_by_its_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with pytest.raises(ModelFileError) as err:
         resolve_checkpoint_file(f"http://127.0.0.1:{_closed_port()}/model.pth", timeout_s=5)
-    assert "$MMDET_LS_CHECKPOINT_CACHE" in str(err.value) and str(tmp_path) not in str(err.value)
+    assert "$MODEL_DIR" in str(err.value) and str(tmp_path) not in str(err.value)
 
 
 # --- one deadline ----------------------------------------------------------

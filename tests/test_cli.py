@@ -35,7 +35,7 @@ def run_cli(tmp_path, checkpoint):
     Image.new("RGB", (64, 48), (10, 200, 30)).save(upload / "a.png")
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT), "LABEL_STUDIO_URL": "",
-           "MMDET_LS_CHECKPOINT_CACHE": str(tmp_path / "cache")}
+           "MODEL_DIR": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         [sys.executable, "scripts/serve.py", "serve_config.yaml", "--port", str(port),
          "--set", f"config_file={RTMDET_TINY}", "--set", f"checkpoint_file={checkpoint}",

@@ -216,7 +216,8 @@ def tiny_config(cluster: LocalCluster, model: dict, image_dir: Path) -> dict:
     config["http_options"].update(host="127.0.0.1", port=cluster.http_port)
     (app,) = config["applications"]
     app["args"].update(config_file=model["config_file"], checkpoint_file=model["checkpoint_file"],
-                       image_dir=str(image_dir), torch_threads=1, max_inflight_images=16)
+                       image_dir=str(image_dir), torch_threads=1, max_inflight_images=16,
+                       allow_cpu_fallback=True)  # the worker's GPU is declared, not real
     deployments = {d["name"]: d for d in app["deployments"]}
     overrides = {
         # 2 running + 3 queued /predict calls, then 503 + Retry-After.

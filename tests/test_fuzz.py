@@ -97,7 +97,7 @@ def svc(tmp_path_factory):
     (web / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
     with ImageServer(web) as images:
         args = AppArgs(config_file=str(TOY_CONFIG), checkpoint_file=str(TOY_CHECKPOINT), image_dir=str(image_dir),
-                       allowed_hosts=["127.0.0.1"], max_batch_size=4, batch_wait_timeout_s=0.02, **FUZZ_LIMITS)
+                       allowed_hosts=["127.0.0.1"], **FUZZ_LIMITS)
         url = start_serve(build_app(args))
         try:
             wait_ready(url)

@@ -222,8 +222,6 @@ def backend(ls, tmp_path_factory):
         checkpoint_file=str(TOY_CHECKPOINT),
         image_dir=str(ls.data_dir / "media" / "upload"),  # Label Studio's own upload folder
         allowed_hosts=["127.0.0.1"],  # the image URL server
-        max_batch_size=4,
-        batch_wait_timeout_s=0.05,
     )
     url = start_serve(build_app(base))
     proxy = None

@@ -65,7 +65,7 @@ def test_model_version_tracks_checkpoint_content(tmp_path):
 
 
 def test_unreachable_checkpoint_url_says_what_to_set(tmp_path, monkeypatch):
-    monkeypatch.delenv("MMDET_LS_CHECKPOINT_CACHE", raising=False)
+    monkeypatch.delenv("MODEL_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ModelFileError) as err:
         resolve_checkpoint_file("http://127.0.0.1:9/faster_rcnn.pth", timeout_s=2)
@@ -80,7 +80,7 @@ def test_cached_checkpoint_url_is_not_downloaded_again(tmp_path, monkeypatch):
 
     from mmdet_ls.model_files import cached_checkpoint_path
 
-    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     url = "http://127.0.0.1:9/model.pth"  # nothing listens there
     with zipfile.ZipFile(cached_checkpoint_path(url), "w") as zf:  # torch.save's format
         zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
@@ -90,7 +90,7 @@ def test_cached_checkpoint_url_is_not_downloaded_again(tmp_path, monkeypatch):
 def test_cache_file_name_is_safe_and_free_of_secrets(tmp_path, monkeypatch):
     from mmdet_ls.model_files import cached_checkpoint_path
 
-    monkeypatch.setenv("MMDET_LS_CHECKPOINT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     path = cached_checkpoint_path("https://ann:s3cret@example.com/a/%2e%2e%2Fx%20y.pth?sig=abc")
     assert path.parent == tmp_path
     assert "s3cret" not in path.name and "sig" not in path.name and "/" not in path.name

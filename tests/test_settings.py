@@ -1,0 +1,132 @@
+"""One owner per setting: where each lives, precedence, and what refuses (no Ray)."""
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmdet_ls.devices import DeviceError, parse_device, resolve_device
+from mmdet_ls.settings import LIVE_SETTINGS, SettingError, check_user_config, score_threshold
+from serve_app import AppArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = ("CONFIG_FILE", "CHECKPOINT_FILE", "DEVICE", "IMAGE_DIR", "BASIC_AUTH_USER", "LOG_LEVEL", "SCORE_THRESHOLD")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_precedence_is_explicit_arg_then_environment_then_default(monkeypatch):
+    assert AppArgs().config_file == "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
+    assert AppArgs().device == "auto"
+    monkeypatch.setenv("CONFIG_FILE", "rtmdet/rtmdet_tiny_8xb32-300e_coco.py")
+    monkeypatch.setenv("DEVICE", "cuda:1")
+    monkeypatch.setenv("IMAGE_DIR", "/data/ls-uploads")
+    monkeypatch.setenv("BASIC_AUTH_USER", "env-user")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    from_env = AppArgs()
+    assert (from_env.config_file, from_env.device, from_env.image_dir, from_env.basic_auth_user, from_env.log_level) == (
+        "rtmdet/rtmdet_tiny_8xb32-300e_coco.py", "cuda:1", "/data/ls-uploads", "env-user", "DEBUG")
+    explicit = AppArgs(config_file="mine.py", device="cpu", image_dir="/mine", basic_auth_user="me")
+    assert (explicit.config_file, explicit.device, explicit.image_dir, explicit.basic_auth_user) == (
+        "mine.py", "cpu", "/mine", "me")
+    assert AppArgs(image_dir=None).image_dir == "/data/ls-uploads"  # null in the YAML = unset
+
+
+@pytest.mark.parametrize("name", sorted(LIVE_SETTINGS))
+def test_live_settings_are_not_args_and_say_where_they_live(name):
+    with pytest.raises(ValueError, match=f"{name} is a live setting, owned by the {LIVE_SETTINGS[name]} deployment"):
+        AppArgs(**{name: 1})
+
+
+def test_score_threshold_user_config_then_environment_then_default(monkeypatch):
+    assert score_threshold(None) == 0.5
+    monkeypatch.setenv("SCORE_THRESHOLD", "0.3")
+    assert score_threshold(None) == 0.3
+    assert score_threshold({"score_threshold": 0.7}) == 0.7
+    monkeypatch.setenv("SCORE_THRESHOLD", "high")
+    with pytest.raises(SettingError, match="SCORE_THRESHOLD must be a number"):
+        score_threshold(None)
+    with pytest.raises(SettingError, match="between 0 and 1"):
+        score_threshold({"score_threshold": 1.5})
+
+
+def test_a_misspelt_user_config_key_refuses():
+    assert check_user_config("Detector", {"max_batch_size": 8}) == {"max_batch_size": 8}
+    with pytest.raises(SettingError, match="unknown setting"):
+        check_user_config("Postprocess", {"score_treshold": 0.3})
+    with pytest.raises(SettingError, match="unknown setting"):
+        check_user_config("Postprocess", {"max_batch_size": 8})  # owned by the Detector
+
+
+@pytest.mark.parametrize(
+    "device, reserved, cuda, fallback, expected",
+    [
+        ("auto", 0, 0, False, "cpu"),
+        ("auto", 0, 2, False, "cpu"),  # a GPU on the node that Ray did not give this replica
+        ("auto", 1, 1, False, "cuda:0"),
+        ("cuda", 1, 1, False, "cuda:0"),
+        ("gpu:3", 1, 1, False, "cuda:0"),  # Ray shows a replica only its own GPUs
+        ("cpu", 1, 1, False, "cpu"),
+        ("auto", 1, 0, True, "cpu"),
+    ],
+)
+def test_device_follows_the_gpu_ray_reserved(device, reserved, cuda, fallback, expected):
+    assert resolve_device(device, reserved, cuda, fallback) == expected
+
+
+def test_cuda_without_a_reserved_gpu_fails_naming_num_gpus():
+    with pytest.raises(DeviceError, match="num_gpus: 1"):
+        resolve_device("cuda", 0, 1)
+    with pytest.raises(DeviceError, match="allow_cpu_fallback"):
+        resolve_device("auto", 1, 0)  # a declared GPU torch cannot see
+    with pytest.raises(DeviceError):
+        parse_device("tpu")
+    with pytest.raises(ValueError):
+        AppArgs(device="cpu:1")
+
+
+def _serve_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import serve as serve_script
+    finally:
+        sys.path.pop(0)
+    return serve_script
+
+
+def test_set_puts_each_key_where_it_is_owned():
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    out = _serve_script().apply_overrides(config, ["score_threshold=0.3", "max_batch_size=2", "device=cpu",
+                                                   "image_dir=/x"], port=9999)
+    app = out["applications"][0]
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert deployments["Postprocess"]["user_config"] == {"score_threshold": 0.3}
+    assert deployments["Detector"]["user_config"] == {"max_batch_size": 2}
+    assert {"device": "cpu", "image_dir": "/x"}.items() <= app["args"].items()
+    assert "score_threshold" not in app["args"] and out["http_options"]["port"] == 9999
+    AppArgs(**app["args"])
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.cluster.yaml"])
+def test_shipped_configs_leave_the_environment_settings_unset(name):
+    """Structural check of every shipped config (the GPU ones cannot run here):
+    valid for Ray, args valid for AppArgs, no application parameter that has
+    an environment fallback pinned, every user_config key owned by its deployment."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from mmdet_ls.settings import ENV_FALLBACKS
+
+    config = yaml.safe_load((ROOT / name).read_text())
+    ServeDeploySchema.parse_obj(config)
+    app = config["applications"][0]
+    args = app.get("args") or {}
+    AppArgs(**args)
+    assert not set(args) & (set(ENV_FALLBACKS) | {"label_studio_url"}), args
+    for deployment in app["deployments"]:
+        check_user_config(deployment["name"], deployment.get("user_config"))
+        if deployment["name"] == "Detector" and deployment.get("user_config"):
+            assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
