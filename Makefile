@@ -1,6 +1,7 @@
 # The two set-up commands (see README):
 #   make serve [SET="checkpoint_file=/path/model.pth score_threshold=0.3"]   install once + run the service
 #   make test                                                               install once + run the whole test suite
+# While changing code: `make test-fast`, the unit tests only (tests/unit: no Ray, under a minute).
 # Installing runs only when the venv is missing or requirements/install scripts
 # changed since (a stamp file records it), so a second `make serve` starts
 # offline without touching pip.
@@ -32,3 +33,6 @@ serve: $(INSTALLED)
 
 test: $(INSTALLED_DEV)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(INSTALLED_DEV)
+	$(PY) -m pytest -m unit tests $(PYTEST_ARGS)

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Run tests/test_fuzz.py once and record what it covered.
+"""Run tests/service/test_fuzz.py once and record what it covered.
 
-    .venv/bin/python bench/fuzz_coverage.py        # writes bench/results/fuzz-coverage-<UTC time>.json
+    .venv/bin/python -m bench.fuzz_coverage        # writes bench/results/fuzz-coverage-<UTC time>.json
 
-Runs pytest on tests/test_fuzz.py (its own local Ray and Serve app, as in CI)
+(from the repository root, like every bench script). Runs pytest on
+tests/service/test_fuzz.py (its own local Ray and Serve app, as in CI)
 with MMDET_LS_FUZZ_COVERAGE set, so each fuzz test writes its counts: bodies
 sent, HTTP statuses, for /predict the bodies that reached the task level (a
 200 with at least one per-task item) and the outcome of every task item
@@ -23,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench.provenance import provenance, stamp
 
-from bench.provenance import provenance, stamp  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+FUZZ_TESTS = "tests/service/test_fuzz.py"
 
 
 def main() -> int:
@@ -35,11 +36,11 @@ def main() -> int:
     parser.add_argument("-k", default=None, help="pytest -k expression (default: the whole file)")
     args = parser.parse_args()
     out = Path(args.json or ROOT / "bench" / "results" / f"fuzz-coverage-{stamp()}.json")
-    run_info = provenance({"tests": "tests/test_fuzz.py", "k": args.k})
+    run_info = provenance({"tests": FUZZ_TESTS, "k": args.k})
 
     with tempfile.TemporaryDirectory(prefix="fuzz-coverage-") as tmp:
         counts = Path(tmp) / "coverage.json"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_fuzz.py"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", FUZZ_TESTS]
         if args.k:
             cmd += ["-k", args.k]
         started = time.monotonic()

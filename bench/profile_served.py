@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the CPU goes while the served graph is under load.
 
-    .venv/bin/python bench/profile_served.py [--model rtmdet-tiny] [--seconds 20]
+    .venv/bin/python -m bench.profile_served [--model rtmdet-tiny] [--seconds 20]   # from the repository root
 
 Starts the service like serving_bench.py, drives one-task requests at
 concurrency 4, and meanwhile (1) records CPU seconds per process from /proc,
@@ -21,12 +21,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+from bench.serving_bench import MODELS, Service, make_images
+from tests.image_server import ImageServer
+from tests.model_fixtures import save_random_checkpoint
 
-from image_server import ImageServer  # noqa: E402
-from model_fixtures import save_random_checkpoint  # noqa: E402
-from serving_bench import MODELS, Service, make_images  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Serving efficiency against the raw model, on both Label Studio traffic shapes.
 
-    .venv/bin/python bench/serving_bench.py                 # CPU: RTMDet-tiny + Faster R-CNN
-    .venv/bin/python bench/serving_bench.py --models rtmdet-tiny --quick
-    .venv/bin/python bench/serving_bench.py --device cuda   # same sweep on a GPU, < 8 min
+    .venv/bin/python -m bench.serving_bench                 # CPU: RTMDet-tiny + Faster R-CNN
+    .venv/bin/python -m bench.serving_bench --models rtmdet-tiny --quick
+    .venv/bin/python -m bench.serving_bench --device cuda   # same sweep on a GPU, < 8 min
+
+(from the repository root, like every bench script).
 
 In one run and on the same images it measures: (1) the raw floor, decode +
 model in one process at the best batch size; (2) one /predict carrying N
@@ -29,11 +31,10 @@ from pathlib import Path
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from tests.image_server import ImageServer
+from tests.model_fixtures import FASTER_RCNN, RTMDET_TINY, TOY_CHECKPOINT, TOY_CONFIG, save_random_checkpoint
 
-from image_server import ImageServer  # noqa: E402
-from model_fixtures import FASTER_RCNN, RTMDET_TINY, TOY_CHECKPOINT, TOY_CONFIG, save_random_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = {"rtmdet-tiny": RTMDET_TINY, "faster-rcnn": FASTER_RCNN, "toy": str(TOY_CONFIG)}
 LABEL_CONFIG = (
@@ -49,7 +50,7 @@ def make_images(directory: Path) -> list[str]:
     synthetic scenes otherwise; several sizes."""
     from PIL import Image
 
-    from toy_detector.scenes import make_scene
+    from tests.toy_detector.scenes import make_scene
 
     directory.mkdir(parents=True, exist_ok=True)
     names = []
@@ -97,10 +98,10 @@ def raw_floor_main(opts) -> None:
 
 
 def measure_raw_floor(config, checkpoint, images, device, threads, batch_sizes) -> dict:
-    cmd = [sys.executable, __file__, "--raw-floor", "--config", config, "--checkpoint", checkpoint,
+    cmd = [sys.executable, "-m", "bench.serving_bench", "--raw-floor", "--config", config, "--checkpoint", checkpoint,
            "--device", device, "--threads", str(threads), "--batch-sizes", batch_sizes, "--images", *images]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RAW_FLOOR ")), None)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RAW_FLOOR ")), None)
     if line is None:
         raise RuntimeError(out.stderr[-3000:])
     rows = json.loads(line[len("RAW_FLOOR "):])
@@ -113,8 +114,9 @@ class Service:
     """`serve run` on a generated config, the way users start it."""
 
     def __init__(self, tmp: Path, args: dict, device: str, threads: int, max_batch: int, noop: bool = False):
-        base = yaml.safe_load((ROOT / ("serve_config.gpu.yaml" if device.startswith("cuda") else "serve_config.yaml")).read_text())
-        from serve_fixtures import free_port
+        shipped = "serve_config.gpu.yaml" if device.startswith("cuda") else "serve_config.yaml"
+        base = yaml.safe_load((ROOT / shipped).read_text())
+        from tests.serve_fixtures import free_port
 
         self.port = free_port()
         base["http_options"]["port"] = self.port
@@ -167,7 +169,8 @@ class Service:
     def predict(self, urls: list[str]) -> float:
         tasks = [{"id": i, "data": {"image": u}} for i, u in enumerate(urls)]
         start = time.perf_counter()
-        resp = requests.post(f"{self.url}/predict", json={"tasks": tasks, "project": "1.1", "label_config": LABEL_CONFIG},
+        body = {"tasks": tasks, "project": "1.1", "label_config": LABEL_CONFIG}
+        resp = requests.post(f"{self.url}/predict", json=body,
                              timeout=300)
         elapsed = time.perf_counter() - start
         items = resp.json()["results"]
@@ -307,8 +310,8 @@ def main() -> None:
                     for latency, server in (("0ms", fast), ("100ms", slow)):
                         print(f"[{name}] served sweep, {latency} image latency ...", flush=True)
                         urls = [f"{server.url}/{n}" for n in names]
-                        served[latency] = sweep(svc, urls, shapes if latency == "0ms" else shapes[1:],
-                                                concurrencies if latency == "0ms" else [c for c in concurrencies if c >= 4],
+                        conc = concurrencies if latency == "0ms" else [c for c in concurrencies if c >= 4]
+                        served[latency] = sweep(svc, urls, shapes if latency == "0ms" else shapes[1:], conc,
                                                 sec_per_image, opts.budget_s)
                 results["models"][name] = {"config": config, "raw_floor": floor, "served": served}
             print("[noop] serving overhead ...", flush=True)
@@ -331,7 +334,8 @@ def print_table(results: dict) -> None:
     print(f"{'model':<12} {'shape':<22} {'img/s':>8} {'served/raw':>10} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
     for name, m in results["models"].items():
         floor = m["raw_floor"]["best"]
-        print(f"{name:<12} {'raw floor (b=%d%s)' % (floor['batch'], ', stacked' if floor['stacked'] else ''):<22} "
+        label = f"raw floor (b={floor['batch']}{', stacked' if floor['stacked'] else ''})"
+        print(f"{name:<12} {label:<22} "
               f"{floor['images_per_s']:8.2f} {1.0:10.2f}")
         zero = m["served"]["0ms"]
         for latency, res in m["served"].items():

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Soak: saturating /predict load for N minutes, watching memory and lost tasks.
 
-    .venv/bin/python bench/soak.py                    # 10 minutes, toy RTMDet, local Ray
-    .venv/bin/python bench/soak.py --minutes 3        # writes bench/results/soak-<UTC time>.json
+    .venv/bin/python -m bench.soak                    # 10 minutes, toy RTMDet, local Ray
+    .venv/bin/python -m bench.soak --minutes 3        # writes bench/results/soak-<UTC time>.json
+
+(from the repository root, like every bench script).
 
 Starts its own local Ray (`ray.init(address="local")`, never touches other
 clusters) and the real deployment graph, serves images from a local HTTP
@@ -36,13 +38,13 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+from bench.provenance import provenance, stamp
+from tests.image_server import ImageServer
+from tests.model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 
-from bench.provenance import provenance, stamp  # noqa: E402
-from image_server import ImageServer  # noqa: E402
-from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+# Ray's worker processes (replicas) import serve_app, deployments and mmdet_ls from here.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 APP = "mmdet-backend"
 LABEL_CONFIG = (
@@ -98,7 +100,7 @@ def short_name(actor_name: str) -> str:
 
 
 def make_images(directory: Path, count: int) -> list[str]:
-    from toy_detector.scenes import make_scene
+    from tests.toy_detector.scenes import make_scene
 
     names = []
     for i in range(count):
@@ -186,7 +188,7 @@ def main() -> int:
     from ray import serve
 
     from serve_app import AppArgs, build_app
-    from serve_fixtures import free_port, wait_ready
+    from tests.serve_fixtures import free_port, wait_ready
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         web_root = Path(tmp) / "web"
@@ -287,7 +289,8 @@ def run(args, url: str, good: list[str], bad: list[str], run_info: dict) -> int:
     print(f"\ntasks sent {load.sent}, answered {load.answered} ({load.predicted} predictions, "
           f"{sum(load.errors.values())} error items: {dict(load.errors)}); calls not answered: "
           f"{dict(load.http_failures) or 0}")
-    print(f"throughput {summary['tasks_per_s']:.1f} tasks/s; call latency p50 {summary['call_latency_s']['p50']:.2f} s, "
+    print(f"throughput {summary['tasks_per_s']:.1f} tasks/s; "
+          f"call latency p50 {summary['call_latency_s']['p50']:.2f} s, "
           f"p99 {summary['call_latency_s']['p99']:.2f} s, max {summary['call_latency_s']['max']:.2f} s")
     print(f"memory flat within 5 %: {'yes' if flat else 'NO'} (worst replica {worst:+.1f} %); "
           f"every task answered: {'yes' if complete else 'NO'}")

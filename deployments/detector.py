@@ -18,11 +18,11 @@ from . import metrics
 logger = logging.getLogger("ray.serve")
 
 # Batching defaults per device, from measurement: a stacked batch on the CPU
-# ran 10-30 % slower per image than single images, so the CPU "batch" is a
-# small queue drained one image at a time, with no waiting for company
-# (batches still form from requests queued while the model runs); on a GPU
-# one call for many images is the throughput. The Detector's user_config in
-# the serve config overrides them, live.
+# ran slower per image than single images (bench/results/20261129-022539-cpu.json),
+# so the CPU "batch" is a small queue drained one image at a time, with no
+# waiting for company (batches still form from requests queued while the
+# model runs); on a GPU one call for many images is the throughput. The
+# Detector's user_config in the serve config overrides them, live.
 BATCH_DEFAULTS = {"cpu": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
                   "cuda": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}}
 
@@ -39,7 +39,7 @@ def replica_cpu_count() -> int:
 
 
 def limit_threads(threads: int) -> None:
-    # More compute threads than owned cores made CPU latency 5-10x worse here.
+    # More busy compute threads than owned cores made CPU latency several times worse.
     import cv2
     import torch
 
@@ -60,7 +60,6 @@ class Detector:
         stack_batches: bool | None = None,
         checkpoint_sha256: str | None = None,
     ):
-        from mmdet_ls.devices import replica_device
         from mmdet_ls.inference import BatchDetector
         from mmdet_ls.model_files import resolve_checkpoint_file, resolve_config_file
 
@@ -71,7 +70,8 @@ class Detector:
         self.runner = BatchDetector(
             resolve_config_file(config_file),
             resolve_checkpoint_file(checkpoint_file, checkpoint_sha256=checkpoint_sha256),
-            replica_device(device, allow_cpu_fallback),
+            device,
+            allow_cpu_fallback,
         )
         self.reconfigure(None)  # the per-device defaults until a user_config says otherwise
         # One model call per batch pays off on a GPU; on a CPU images run one by

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from functools import lru_cache
+from functools import cache
 
 import requests
 from ray.serve import metrics
@@ -23,12 +23,12 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
 
 
-@lru_cache(maxsize=None)
+@cache
 def counter(name: str, description: str, tag_keys: tuple[str, ...] = ()) -> metrics.Counter:
     return metrics.Counter(PREFIX + name, description=description, tag_keys=tag_keys or None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def histogram(name: str, description: str, buckets: tuple, tag_keys: tuple[str, ...] = ()) -> metrics.Histogram:
     return metrics.Histogram(
         PREFIX + name, description=description, boundaries=list(buckets), tag_keys=tag_keys or None
@@ -48,7 +48,8 @@ def images_total():
 
 
 def dropped_detections_total():
-    return counter("dropped_detections", "Detections not returned, by why (below_threshold, unmapped, invalid_box, region_cap).", ("why",))
+    return counter("dropped_detections",
+                   "Detections not returned, by why (below_threshold, unmapped, invalid_box, region_cap).", ("why",))
 
 
 def batch_size_histogram():

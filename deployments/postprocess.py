@@ -14,6 +14,7 @@ from mmdet_ls.settings import check_user_config, score_threshold
 
 from . import metrics
 
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class Postprocess:
     def __init__(self):

@@ -66,16 +66,23 @@ def resolve_device(device: str, reserved_gpus: int, cuda_devices: int, allow_cpu
     return wanted
 
 
-def replica_device(device: str, allow_cpu_fallback: bool = False) -> str:
-    """resolve_device for the current process: the GPUs Ray assigned to it
-    (none outside Ray), and the CUDA devices torch sees."""
+def _ray_reserved_gpus() -> int | None:
+    """GPUs Ray assigned to this process, or None outside a Ray worker."""
     try:
         import ray
 
-        reserved = len(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
-    except Exception:  # outside a Ray worker
-        reserved = 0
+        if ray._private.worker.global_worker.mode != ray.WORKER_MODE:
+            return None
+        return len(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+    except Exception:
+        return None
+
+
+def replica_device(device: str, allow_cpu_fallback: bool = False) -> str:
+    """resolve_device for this process: inside a Ray worker the GPUs Ray
+    assigned to it; outside Ray (bench, tests) every CUDA device it sees."""
     import torch
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return resolve_device(device, reserved, cuda, allow_cpu_fallback)
+    reserved = _ray_reserved_gpus()
+    return resolve_device(device, cuda if reserved is None else reserved, cuda, allow_cpu_fallback)

@@ -18,10 +18,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from .failures import TaskError
 from .network_policy import NetworkPolicy
@@ -133,7 +133,8 @@ def _services() -> tuple[_Watchdog, ThreadPoolExecutor]:
 
 
 def _timeout(what: str, url: URL, limits: FetchLimits) -> TaskError:
-    return TaskError("timeout", f"{what} {url.redacted()} took longer than {limits.total_timeout_s:g} s", retriable=True)
+    return TaskError("timeout", f"{what} {url.redacted()} took longer than {limits.total_timeout_s:g} s",
+                     retriable=True)
 
 
 def resolve(url: URL, timeout_s: float) -> list[str]:
@@ -150,7 +151,8 @@ def resolve(url: URL, timeout_s: float) -> list[str]:
         infos = future.result(timeout=max(0.01, timeout_s))
     except FutureTimeout:
         future.cancel()
-        raise TaskError("dns_error", f"looking up {url.host} took longer than {timeout_s:.3g} s", retriable=True) from None
+        raise TaskError("dns_error", f"looking up {url.host} took longer than {timeout_s:.3g} s",
+                        retriable=True) from None
     except (socket.gaierror, UnicodeError, ValueError, OSError) as exc:
         raise TaskError("dns_error", f"cannot resolve host {url.host}: {exc}", retriable=True) from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
@@ -162,7 +164,7 @@ def resolve(url: URL, timeout_s: float) -> list[str]:
 class Response:
     """An open response; read it within the fetch's deadline, then close it."""
 
-    def __init__(self, url: URL, raw: http.client.HTTPResponse, cut: "_Cut", close_fn: Callable[[], None], limits):
+    def __init__(self, url: URL, raw: http.client.HTTPResponse, cut: _Cut, close_fn: Callable[[], None], limits):
         self.url = url
         self._raw = raw
         self._cut = cut
@@ -327,7 +329,8 @@ def request(
         raise
     except ssl.SSLCertVerificationError as exc:
         close()
-        raise TaskError("tls_error", f"TLS certificate of {url.redacted()} not accepted: {exc.verify_message}") from None
+        raise TaskError("tls_error",
+                        f"TLS certificate of {url.redacted()} not accepted: {exc.verify_message}") from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
         close()
         cut.check("fetching", url, limits)

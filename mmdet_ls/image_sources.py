@@ -77,7 +77,7 @@ class LabelStudioAccess:
     api_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_text(cls, url: str, api_key: str | None = None) -> "LabelStudioAccess":
+    def from_text(cls, url: str, api_key: str | None = None) -> LabelStudioAccess:
         base = parse_url(url.strip().rstrip("/"))
         if base.userinfo is not None or "?" in base.target:
             raise URLError("the Label Studio URL must not carry user:password or a query")
@@ -180,7 +180,8 @@ class LabelStudioAuth:
             answer = None
         token = answer.get("access") if isinstance(answer, dict) else None
         if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not TOKEN_RE.match(token):
-            raise TaskError("label_studio_auth", "Label Studio's token refresh did not answer with a usable access token")
+            raise TaskError("label_studio_auth",
+                            "Label Studio's token refresh did not answer with a usable access token")
         claims = _jwt_claims(token) or {}
         self._access = token
         try:
@@ -354,7 +355,8 @@ def _task_id_digits(task_id, scheme: str) -> str:
         isinstance(task_id, int) or (isinstance(task_id, str) and task_id.isascii() and task_id.isdigit())
     ):
         # The id goes into a Label Studio URL path: digits only, no "../".
-        raise TaskError("bad_task", f"{scheme}:// images need the task's numeric id, got '{redact_text(str(task_id)[:50])}'")
+        raise TaskError("bad_task",
+                        f"{scheme}:// images need the task's numeric id, got '{redact_text(str(task_id)[:50])}'")
     return str(task_id)
 
 
@@ -394,7 +396,8 @@ def fetch_image_bytes(
     else:
         match = _SCHEME_PREFIX_RE.match(value)
         if not match:
-            raise TaskError("bad_url", f"image value '{redact_text(value[:200])}' is neither a URL nor a Label Studio path")
+            raise TaskError("bad_url",
+                            f"image value '{redact_text(value[:200])}' is neither a URL nor a Label Studio path")
         scheme = match.group(1).lower()
         if scheme in CLOUD_SCHEMES:
             if access is None:

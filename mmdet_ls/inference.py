@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 
+from .devices import replica_device
 from .failures import TaskFailure
-from .model_files import ModelFileError, safe_checkpoint_loading, select_device
+from .model_files import ModelFileError, safe_checkpoint_loading
 from .regions import Detections
 
 logger = logging.getLogger(__name__)
@@ -22,13 +23,13 @@ class BatchDetector:
     image's original size.
     """
 
-    def __init__(self, config_file: str, checkpoint_file: str, device: str = "cpu"):
+    def __init__(self, config_file: str, checkpoint_file: str, device: str = "cpu", allow_cpu_fallback: bool = False):
         import torch
         from mmcv.transforms import Compose
         from mmdet.apis import init_detector
         from mmdet.utils import get_test_pipeline_cfg
 
-        self.device = select_device(device)
+        self.device = replica_device(device, allow_cpu_fallback)
         self._torch = torch
         try:
             with safe_checkpoint_loading():
@@ -104,9 +105,10 @@ class BatchDetector:
                 for k in group:
                     self._run_group(images, prepared, slots, [k], results)
                 return
-            results[slots[group[0]]] = TaskFailure("model_error", f"model failed on this image: {type(exc).__name__}: {exc}")
+            results[slots[group[0]]] = TaskFailure(
+                "model_error", f"model failed on this image: {type(exc).__name__}: {exc}")
             return
         per_image = (time.perf_counter() - start) / len(group)
-        for k, sample in zip(group, samples):
+        for k, sample in zip(group, samples, strict=True):
             h, w = images[slots[k]].shape[:2]
             results[slots[k]] = self._to_detections(sample, w, h, per_image)

@@ -548,39 +548,6 @@ def model_version(config_file: str, checkpoint_file: str) -> str:
     return f"{stem}-{digest[:12]}"
 
 
-_DEVICE_RE = re.compile(r"^(cpu|cuda|gpu)(?::(\d+))?$")
-
-
-def parse_device(device: str) -> str:
-    """Normalise `cpu`, `cuda`, `cuda:N`, legacy `gpu:N` -> torch device string."""
-    m = _DEVICE_RE.match((device or "cpu").strip().lower())
-    if not m:
-        raise ModelFileError(f"device {device!r} is not one of cpu, cuda, cuda:N, gpu:N")
-    kind, index = m.group(1), m.group(2)
-    if kind == "cpu":
-        return "cpu"
-    return f"cuda:{index or 0}"
-
-
-def select_device(device: str) -> str:
-    """The device to run on; falls back to CPU with one warning when CUDA is absent."""
-    wanted = parse_device(device)
-    if wanted == "cpu":
-        return wanted
-    import torch
-
-    if not torch.cuda.is_available():
-        logger.warning("device %r requested but CUDA is not available here: running on CPU", device)
-        return "cpu"
-    index = int(wanted.split(":")[1])
-    count = torch.cuda.device_count()
-    if index >= count:
-        # Under Ray, CUDA_VISIBLE_DEVICES shows a replica only its own GPUs.
-        logger.warning("device %s not visible (%d visible GPU(s)); using cuda:0", wanted, count)
-        return "cuda:0"
-    return wanted
-
-
 def _inert_getattr(obj, name, *default):
     """Stands in for `builtins.getattr` while unpickling checkpoints.
 

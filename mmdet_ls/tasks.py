@@ -101,7 +101,7 @@ def assemble_results(
     "too_many_regions" error item (later, smaller tasks may still fit)."""
     regions: dict[int, list[dict]] = {}
     failures = dict(task_failures)
-    for job, outcome in zip(jobs, outcomes):
+    for job, outcome in zip(jobs, outcomes, strict=True):
         if isinstance(outcome, TaskFailure):
             failures.setdefault(job.task_index, outcome)
         else:

@@ -70,7 +70,7 @@ class URL:
         text = f"{self.scheme}://{self.host_header}{self.path}"
         return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + "..."
 
-    def join(self, reference: str) -> "URL":
+    def join(self, reference: str) -> URL:
         """Resolve a redirect Location (absolute or relative) against this URL."""
         _check_text(reference)
         if _SCHEME_RE.match(reference):
@@ -172,7 +172,8 @@ def _parse_host(raw: str, original: str) -> str:
         try:
             return str(ipaddress.IPv4Address(host))
         except ValueError:
-            raise URLError(f"URL has an ambiguous numeric host (write it as a.b.c.d): '{redact_text(original)}'") from None
+            raise URLError(
+                f"URL has an ambiguous numeric host (write it as a.b.c.d): '{redact_text(original)}'") from None
     return host
 
 

@@ -2,7 +2,7 @@
 # Creates .venv with everything the service and its tests need.
 # mmcv must be compiled with its ops against the installed torch; the built
 # wheel is kept in a cache dir keyed on mmcv, torch and Python, so a second
-# install on the same machine takes seconds instead of ~11 minutes.
+# install on the same machine takes seconds instead of a compile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -25,7 +25,7 @@ PYTAG=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.v
 KEY_DIR="$WHEEL_CACHE/mmcv-$MMCV_VERSION-torch-$TORCH_VERSION-$PYTAG"
 if ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
   if ! ls "$KEY_DIR"/mmcv-*.whl >/dev/null 2>&1; then
-    echo "Building mmcv $MMCV_VERSION with ops (about 11 minutes on 2 cores)..."
+    echo "Building mmcv $MMCV_VERSION with its compiled ops (minutes; cached for the next install)..."
     mkdir -p "$KEY_DIR.tmp"
     # Without --no-build-isolation the build silently skips the ops.
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} $PIP wheel -q --no-deps \

@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import requests
 
@@ -369,7 +370,7 @@ class LabelStudioClient:
 # server
 # --------------------------------------------------------------------------
 
-_LIVE: "set[LabelStudioServer]" = set()
+_LIVE: set[LabelStudioServer] = set()
 
 
 @atexit.register
@@ -438,13 +439,13 @@ class LabelStudioServer:
         self._owns_base_dir = False
 
     # -- lifecycle -----------------------------------------------------------
-    def __enter__(self) -> "LabelStudioServer":
+    def __enter__(self) -> LabelStudioServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def start(self) -> "LabelStudioServer":
+    def start(self) -> LabelStudioServer:
         """Copy the template DB into a fresh data dir, start Label Studio, wait until it
         answers /health, then set up tokens and clients. Returns ``self``."""
         if self.proc is not None:

@@ -21,10 +21,9 @@ def save_random_checkpoint(config_name: str, path: Path, seed: int = 0, init_wei
     import torch
     from mmdet.apis import init_detector
     from mmdet.datasets import CocoDataset
+    from mmengine.config import Config
 
     from mmdet_ls.model_files import resolve_config_file
-
-    from mmengine.config import Config
 
     torch.manual_seed(seed)
     cfg = Config.fromfile(resolve_config_file(config_name))

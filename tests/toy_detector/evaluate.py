@@ -1,6 +1,9 @@
 """Measure the toy detector on held-out synthetic scenes.
 
-    .venv/bin/python tests/toy_detector/evaluate.py
+    PYTHONPATH=. .venv/bin/python tests/toy_detector/evaluate.py
+
+(from the repository root: PYTHONPATH=. makes bench.provenance importable;
+scenes.py is found next to this script).
 
 Loads ``rtmdet_toy_3class.pth`` with plain ``mmdet.apis.init_detector`` (no
 monkeypatching; the checkpoint only holds tensors, dicts, tuples and
@@ -33,14 +36,10 @@ import os
 import sys
 import time
 
+import numpy as np
+from scenes import CLASSES, iou, make_scene, to_grayscale  # next to this script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-sys.path.insert(1, ROOT)
-
-import numpy as np  # noqa: E402
-
-from scenes import CLASSES, iou, make_scene, to_grayscale  # noqa: E402
 
 CONFIG = os.path.join(HERE, 'rtmdet_toy.py')
 CHECKPOINT = os.path.join(HERE, 'rtmdet_toy_3class.pth')

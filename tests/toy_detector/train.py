@@ -26,10 +26,9 @@ import tempfile
 import time
 from collections import OrderedDict
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from scenes import CLASSES, write_coco_dataset  # next to this script
 
-from scenes import CLASSES, write_coco_dataset  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIG = os.path.join(HERE, 'rtmdet_toy.py')
 DEFAULT_OUT = os.path.join(HERE, 'rtmdet_toy_3class.pth')

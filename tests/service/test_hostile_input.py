@@ -21,26 +21,19 @@ from pathlib import Path
 
 import pytest
 import requests
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from payloads import LABEL_CONFIG, ls_task, predict_body
 from PIL import Image
+from serve_fixtures import wait_ready
+from toy_detector.scenes import make_scene, scene_png
 
 import serve_app
 from deployments.ingress import LabelStudioIngress
 from mmdet_ls.images import DEFAULT_MAX_PIXELS, UNSUPPORTED_FORMAT_MESSAGE
 from serve_app import AppArgs, build_app
 
-from image_server import ImageServer
-from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from serve_fixtures import start_serve, stop_serve, wait_ready
-from toy_detector.scenes import make_scene, scene_png
-
 pytestmark = pytest.mark.timeout(600)
 
-LABEL_CONFIG = (
-    '<View><Image name="image" value="$image"/>'
-    '<RectangleLabels name="label" toName="image">'
-    '<Label value="Vehicle" predicted_values="car,airplane,truck"/><Label value="Person" predicted_values="person"/>'
-    "</RectangleLabels></View>"
-)
 API_KEY = "ls-operator-key-7f3a9c2e1d"  # the Label Studio key the backend holds
 SETUP_TOKEN = "ls-setup-token-b81f04aa"  # what /setup hands over
 AUTH_USER, AUTH_PASS = "labeler", "basic-pass-5c1e9d"
@@ -90,7 +83,7 @@ def build(args: AppArgs, **ingress_extra):
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory):
+def svc(tmp_path_factory, image_server, ray_serve):
     tmp = tmp_path_factory.mktemp("hostile")
     # Outside image_dir: a canary the service must never read.
     (tmp / "canary-secret.txt").write_text(CANARY)
@@ -130,8 +123,10 @@ def svc(tmp_path_factory):
 
     # Secrets come from the environment of the Ray cluster (never app args):
     # set before Ray starts, so every replica inherits them.
-    with ImageServer(ls_root, host="127.0.0.1") as ls, ImageServer(web_root, host="127.0.0.3") as web, \
-            ImageServer(web_root, host="127.0.0.2") as blocked, pytest.MonkeyPatch.context() as env:
+    ls = image_server(ls_root, host="127.0.0.1")
+    web = image_server(web_root, host="127.0.0.3")
+    blocked = image_server(web_root, host="127.0.0.2")
+    with pytest.MonkeyPatch.context() as env:
         env.setenv("LABEL_STUDIO_API_KEY", API_KEY)
         env.setenv("BASIC_AUTH_PASS", AUTH_PASS)
         args = AppArgs(
@@ -143,13 +138,9 @@ def svc(tmp_path_factory):
             basic_auth_user=AUTH_USER,
             **FETCH_LIMITS,
         )
-        url = start_serve(build(args))
-        try:
-            wait_ready(url)
-            yield {"url": url, "ls": ls, "web": web, "blocked": blocked, "image_dir": image_dir, "tmp": tmp,
-                   "args": args, "gif": files["anim.gif"], "jpeg": jpeg}
-        finally:
-            stop_serve()
+        url = ray_serve(build(args))
+        yield {"url": url, "ls": ls, "web": web, "blocked": blocked, "image_dir": image_dir, "tmp": tmp,
+               "args": args, "gif": files["anim.gif"], "jpeg": jpeg}
 
 
 def post(url, path, body=None, *, raw: bytes | None = None, auth=AUTH, headers=None, timeout=60):
@@ -161,12 +152,10 @@ def post(url, path, body=None, *, raw: bytes | None = None, auth=AUTH, headers=N
 
 
 def predict(svc, tasks, label_config=LABEL_CONFIG, **kw):
-    return post(svc["url"], "/predict", {"tasks": tasks, "project": "1.1795905333", "label_config": label_config,
-                                         "params": {"login": None, "password": None, "context": None}}, **kw)
-
-
-def task(task_id, image):
-    return {"id": task_id, "data": {"image": image}, "meta": {}, "annotations": [], "predictions": []}
+    """A /predict as Label Studio sends it, through `post` (so its answer is searched for secrets)."""
+    body = predict_body(tasks, label_config=label_config, project="1.1795905333",
+                        params={"login": None, "password": None, "context": None})
+    return post(svc["url"], "/predict", body, **kw)
 
 
 def assert_error(item, reason, message=None, *, prefix=None, retriable=None):
@@ -226,7 +215,7 @@ def test_ten_thousand_tasks_answered_in_order(svc):
     url, web = svc["url"], svc["web"]
     tasks = [{"id": i, "meta": {}} for i in range(10_000)]  # no "data": cheap, answered at once
     for i in (0, 500, 999):
-        tasks[i] = task(i, f"{web.url}/good.png")
+        tasks[i] = ls_task(i, f"{web.url}/good.png")
     started = time.monotonic()
     resp = post(url, "/predict", {"tasks": tasks, "label_config": LABEL_CONFIG}, timeout=100)
     assert resp.status_code == 200 and time.monotonic() - started < 60
@@ -275,7 +264,7 @@ def test_trickled_request_body_times_out(svc):
         while marker not in answer and time.monotonic() - started < BODY_TIMEOUT_S + 15:
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 break
@@ -305,12 +294,12 @@ def test_unusable_label_configs(svc):
         "<View>\ud800</View>": "label config not usable: label config is not valid text: UnicodeEncodeError",
     }
     for xml, message in cases.items():
-        for path, body in (("/predict", {"tasks": [task(1, "/data/upload/1/good.png")], "label_config": xml}),
+        for path, body in (("/predict", {"tasks": [ls_task(1, "/data/upload/1/good.png")], "label_config": xml}),
                            ("/setup", {"project": "9.1", "schema": xml})):
             resp = post(url, path, body)
             assert resp.status_code == 400, (path, xml[:40], resp.text)
             assert resp.json() == {"status": "error", "error": message}, (path, resp.text)
-    resp = post(url, "/predict", {"tasks": [task(1, "/data/upload/1/good.png")], "project": "404.1"})
+    resp = post(url, "/predict", {"tasks": [ls_task(1, "/data/upload/1/good.png")], "project": "404.1"})
     assert resp.status_code == 400
     assert resp.json()["error"] == 'no label config: send "label_config" or call /setup for this project first'
 
@@ -332,7 +321,7 @@ def test_unknown_fields_are_ignored(svc):
 
 
 def test_lone_surrogates_get_an_answer_not_a_500(svc):
-    raw = json.dumps({"tasks": [task(1, "/data/upload/1/good.png")], "label_config": LABEL_CONFIG})
+    raw = json.dumps({"tasks": [ls_task(1, "/data/upload/1/good.png")], "label_config": LABEL_CONFIG})
     raw = raw[:-1] + ', "extra": "\\ud800"}'
     raw = raw.replace('"tasks": [', '"tasks": [{"id": 2, "data": {"image": "http://127.0.0.3/\\udc00.png"}}, ', 1)
     resp = post(svc["url"], "/predict", raw=raw.encode())
@@ -481,7 +470,7 @@ def test_bad_tasks_fail_alone_in_one_batch(svc):
         if isinstance(value, dict) or not isinstance(value, str) or value == "not a dict":
             tasks.append(value)
         else:
-            tasks.append(task(100 + i, value))
+            tasks.append(ls_task(100 + i, value))
         expected.append(case)
     tasks[[c[1] for c in cases].index("s3://bucket/key.png")]["id"] = "../../api/users"
 
@@ -524,12 +513,12 @@ def test_slow_urls_hold_the_loader_no_longer_than_the_fetch_deadline(svc):
     # in-flight slot; each is cut at fetch_total_timeout_s, so a good image
     # sent next waits at most about that long.
     w = svc["web"].url
-    slow = threading.Thread(target=predict, args=(svc, [task(i, f"{w}/trickle-headers") for i in range(64)]),
+    slow = threading.Thread(target=predict, args=(svc, [ls_task(i, f"{w}/trickle-headers") for i in range(64)]),
                             kwargs={"timeout": 100})
     slow.start()
     time.sleep(1.0)
     started = time.monotonic()
-    resp = predict(svc, [task(1, f"{w}/good.png")])
+    resp = predict(svc, [ls_task(1, f"{w}/good.png")])
     elapsed = time.monotonic() - started
     slow.join()
     assert_prediction(resp.json()["results"][0])
@@ -543,7 +532,7 @@ def test_setup_hostname_and_token_travel_together_and_bad_setups_store_nothing(s
     resp = post(url, "/setup", {"project": "9.1", "schema": LABEL_CONFIG, "hostname": web.url,
                                 "access_token": SETUP_TOKEN})
     assert resp.status_code == 200, resp.text
-    resp = post(url, "/predict", {"tasks": [task(1, "/data/upload/5/remote-only.png")], "project": "9.1"})
+    resp = post(url, "/predict", {"tasks": [ls_task(1, "/data/upload/5/remote-only.png")], "project": "9.1"})
     assert_prediction(resp.json()["results"][0])
     assert ls.requests[-1][1]["Authorization"] == f"Token {API_KEY}"
     assert not any(API_KEY in str(h) or SETUP_TOKEN in str(h) for _, h in web.requests)
@@ -560,7 +549,7 @@ def test_setup_hostname_and_token_travel_together_and_bad_setups_store_nothing(s
         resp = post(url, "/setup", {"project": "77.1", "schema": LABEL_CONFIG, "hostname": hostname,
                                     "access_token": token})
         assert resp.status_code == 400, (hostname, resp.text)
-    resp = post(url, "/predict", {"tasks": [task(1, f"{web.url}/good.png")], "project": "77.1"})
+    resp = post(url, "/predict", {"tasks": [ls_task(1, f"{web.url}/good.png")], "project": "77.1"})
     assert resp.status_code == 400 and "no label config" in resp.json()["error"]
 
 
@@ -574,7 +563,7 @@ def test_no_file_outside_image_dir_is_ever_read(svc):
                "/data/upload/%2e%2e/%2e%2e/canary-secret.txt", "/data/upload/1/evil.png",
                "/data/upload/1/outside/canary-secret.txt", f"{ls}/data/upload/1/evil.png",
                f"{ls}/data/upload/1/..%2F..%2F..%2Fcanary-secret.txt", "/data/upload/1/..\\..\\canary-secret.txt"]
-    resp = predict(svc, [task(i, value) for i, value in enumerate(escapes)])
+    resp = predict(svc, [ls_task(i, value) for i, value in enumerate(escapes)])
     results = resp.json()["results"]
     assert len(results) == len(escapes)
     for value, item in zip(escapes, results):
@@ -637,15 +626,15 @@ def test_secrets_never_in_responses_logs_or_metrics(svc):
                                 "access_token": SETUP_TOKEN})
     assert resp.status_code == 200
     signed = f"http://user:{URL_PASSWORD}@{web.host}:{web.port}/status/404?X-Amz-Signature={URL_SIGNATURE}"
-    resp = predict(svc, [task(1, "/data/upload/5/status/403"), task(2, "/data/upload/5/remote-only.png"),
-                         task(3, signed), task(4, f"{web.url}/set-cookie/good.png")])
+    resp = predict(svc, [ls_task(1, "/data/upload/5/status/403"), ls_task(2, "/data/upload/5/remote-only.png"),
+                         ls_task(3, signed), ls_task(4, f"{web.url}/set-cookie/good.png")])
     results = resp.json()["results"]
     assert_error(results[0], "http_403",
                  f"{svc['ls'].url}/data/upload/5/status/403 answered HTTP 403 (check the Label Studio API key)")
     assert_prediction(results[1])
     assert_error(results[2], "http_404", f"{web.url}/status/404 answered HTTP 404")
     assert_prediction(results[3])
-    assert_prediction(predict(svc, [task(5, f"{web.url}/good.png")]).json()["results"][0])
+    assert_prediction(predict(svc, [ls_task(5, f"{web.url}/good.png")]).json()["results"][0])
     assert any(p == "/good.png" for p, _ in web.requests) and any(p.startswith("/set-cookie/") for p, _ in web.requests)
     metrics_text = requests.get(f"{url}/metrics", auth=AUTH, timeout=30).text
     logs = read_session_logs()

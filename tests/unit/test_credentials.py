@@ -1,5 +1,6 @@
 """Secrets come from the environment and travel only with their own host."""
 import pytest
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 
 from mmdet_ls.credentials import (
     ConfigError,
@@ -9,7 +10,6 @@ from mmdet_ls.credentials import (
     setup_access,
 )
 from mmdet_ls.image_sources import LabelStudioAccess
-from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 
 ENV = ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOSTNAME", "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN",
        "LABEL_STUDIO_API_KEY_FILE", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "BASIC_AUTH_PASS_FILE")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from mmdet_ls.label_config import LabelSpec, RectangleTarget
-from mmdet_ls.regions import Detections, box_to_percent, detections_to_regions, RegionStats
+from mmdet_ls.regions import Detections, RegionStats, box_to_percent, detections_to_regions
 
 TARGET = RectangleTarget("label", "image", "image", (LabelSpec("Car", ("car", "truck")), LabelSpec("Person", ("person",))))
 

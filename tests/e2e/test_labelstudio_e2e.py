@@ -38,17 +38,18 @@ from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image, ImageOps
-
 from image_server import ImageServer
 from labelstudio_server import LabelStudioClient, LabelStudioServer
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from serve_fixtures import start_serve, stop_serve, wait_ready
-from serve_app import AppArgs, build_app
+from PIL import Image, ImageOps
+from serve_fixtures import wait_ready
 from toy_detector.scenes import iou, make_scene
+
+from serve_app import AppArgs, build_app
 
 pytestmark = pytest.mark.timeout(600)
 
+# Its own label config on purpose: the toy classes exactly as LABEL_OF_CLASS maps them.
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="label" toName="image">'
@@ -193,20 +194,12 @@ def task_ids_of(call: dict) -> list[int]:
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def ls():
-    with LabelStudioServer() as server:
-        yield server
+def images(tmp_path_factory, image_server):
+    return image_server(tmp_path_factory.mktemp("http-images"))
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("http-images")
-    with ImageServer(root) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def backend(ls, tmp_path_factory):
+def backend(ls, tmp_path_factory, ray_serve):
     """Our service on Ray Serve (started once), behind a counting proxy.
 
     `deploy(**args)` redeploys the same application with other args."""
@@ -223,9 +216,9 @@ def backend(ls, tmp_path_factory):
         image_dir=str(ls.data_dir / "media" / "upload"),  # Label Studio's own upload folder
         allowed_hosts=["127.0.0.1"],  # the image URL server
     )
-    url = start_serve(build_app(base))
     proxy = None
     try:
+        url = ray_serve(build_app(base))
         health = wait_ready(url)
         proxy = CountingProxy(url)
         state = {"args": base, "key": ""}
@@ -245,7 +238,6 @@ def backend(ls, tmp_path_factory):
     finally:
         if proxy is not None:
             proxy.close()
-        stop_serve()
         env.undo()
 
 

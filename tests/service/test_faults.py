@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from payloads import predict, task
+from serve_fixtures import wait_ready, wait_until
+from toy_detector.scenes import make_scene, scene_png
 
 import serve_app
 from deployments.ingress import LabelStudioIngress
@@ -28,25 +32,14 @@ from mmdet_ls.failures import TaskFailure
 from mmdet_ls.regions import Detections
 from serve_app import AppArgs, build_app
 
-from image_server import ImageServer
-from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from serve_fixtures import start_serve, stop_serve, wait_ready, wait_until
-from toy_detector.scenes import make_scene, scene_png
-
 pytestmark = pytest.mark.timeout(600)
 
 APP = "mmdet-backend"
-LABEL_CONFIG = (
-    '<View><Image name="image" value="$image"/>'
-    '<RectangleLabels name="label" toName="image">'
-    '<Label value="Vehicle" predicted_values="car,airplane,truck"/><Label value="Person" predicted_values="person"/>'
-    "</RectangleLabels></View>"
-)
 RECOVERY_S = 60
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory):
+def svc(tmp_path_factory, image_server, ray_serve):
     tmp = tmp_path_factory.mktemp("faults")
     root = tmp / "web"
     root.mkdir()
@@ -58,22 +51,9 @@ def svc(tmp_path_factory):
         image_dir=str(tmp / "upload"),
         allowed_hosts=["127.0.0.1"],
     )
-    with ImageServer(root) as web, ImageServer(root) as slow:
-        url = start_serve(build_app(args))
-        try:
-            wait_ready(url)
-            yield {"url": url, "web": web, "slow": slow, "args": args}
-        finally:
-            stop_serve()
-
-
-def task(task_id, image):
-    return {"id": task_id, "data": {"image": image}}
-
-
-def predict(url, tasks, timeout=100):
-    return requests.post(f"{url}/predict", json={"tasks": tasks, "project": "1.1", "label_config": LABEL_CONFIG},
-                         timeout=timeout)
+    web, slow = image_server(root), image_server(root)
+    url = ray_serve(build_app(args))
+    return {"url": url, "web": web, "slow": slow, "args": args}
 
 
 def serves_again(url, image) -> float:

@@ -13,11 +13,10 @@ import threading
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
 import requests
+from labelstudio_server import LabelStudioClient
 
-from labelstudio_server import LabelStudioClient, LabelStudioServer
-
+# Its own label config on purpose: plain labels, for the stub backend's answers (no model, no mapping).
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="label" toName="image">'
@@ -82,12 +81,6 @@ class _Stub:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-@pytest.fixture(scope="module")
-def ls():
-    with LabelStudioServer() as server:
-        yield server
 
 
 def test_starts_and_all_tokens_work(ls):

@@ -5,20 +5,16 @@ import shutil
 import pytest
 import requests
 import yaml
-
-from image_server import ImageServer
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from serve_fixtures import ROOT, deploy_config, free_port, start_serve_config, stop_serve, wait_ready
+from payloads import LABEL_CONFIG, task
+from serve_fixtures import ROOT, deploy_config, free_port, wait_ready
 from toy_detector.scenes import scene_png
 
 pytestmark = pytest.mark.timeout(600)
-LABEL_CONFIG = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
-                '<Label value="Vehicle" predicted_values="car,airplane,truck"/>'
-                '<Label value="Person" predicted_values="person"/></RectangleLabels></View>')
 
 
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory):
+def two_models(tmp_path_factory, image_server, ray_serve):
     tmp = tmp_path_factory.mktemp("multi")
     # Two different checkpoints of the toy detector stand in for the two zoo models.
     second = tmp / "toy_copy.pth"
@@ -34,14 +30,11 @@ def two_models(tmp_path_factory):
     web = tmp / "web"
     web.mkdir()
     (web / "scene.png").write_bytes(scene_png(900))
-    with ImageServer(web) as images:
-        url = start_serve_config(config)
-        try:
-            for app in config["applications"]:
-                deploy_config(config, app_name=app["name"])
-            yield {"url": url, "images": images}
-        finally:
-            stop_serve()
+    images = image_server(web)
+    url = ray_serve(config=config, wait=False)  # nothing at the root: each app has its own prefix
+    for app in config["applications"]:
+        deploy_config(config, app_name=app["name"])
+    return {"url": url, "images": images}
 
 
 def test_each_application_is_its_own_label_studio_model_url(two_models):
@@ -54,7 +47,7 @@ def test_each_application_is_its_own_label_studio_model_url(two_models):
         setup = requests.post(f"{model_url}/setup", json={"project": "1.1", "schema": LABEL_CONFIG}, timeout=10)
         assert setup.json() == {"model_version": health["model_version"]}
         resp = requests.post(f"{model_url}/predict", timeout=100, json={
-            "tasks": [{"id": 1, "data": {"image": f"{images.url}/scene.png"}}], "project": "1.1"})
+            "tasks": [task(1, f"{images.url}/scene.png")], "project": "1.1"})
         assert resp.status_code == 200, (prefix, resp.status_code, resp.text[:500])
         (item,) = resp.json()["results"]
         assert item["model_version"] == health["model_version"] and item["result"], item

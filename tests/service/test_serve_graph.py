@@ -7,33 +7,24 @@ import concurrent.futures as cf
 import json
 import re
 
+import payloads
 import pytest
 import requests
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from payloads import LABEL_CONFIG, LABELS, ls_task
+from serve_fixtures import deploy_config, free_port, serve_config_for_test, wait_until
+from toy_detector.scenes import scene_png
 
 from mmdet_ls.model_files import model_version
 
-from image_server import ImageServer
-from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from toy_detector.scenes import scene_png
-from serve_fixtures import (
-    deploy_config, free_port, serve_config_for_test, start_serve_config, stop_serve, wait_ready, wait_until,
-)
-
 pytestmark = pytest.mark.timeout(900)
 
-LABEL_CONFIG = (
-    '<View><Image name="image" value="$image"/>'
-    '<RectangleLabels name="label" toName="image">'
-    '<Label value="Vehicle" predicted_values="car,airplane,truck"/><Label value="Person" predicted_values="person"/>'
-    "</RectangleLabels></View>"
-)
-LABELS = {"Vehicle", "Person"}
 SIZES = [(320, 240)] + [(300 + 20 * i, 260 + 10 * i) for i in range(8)]
 OPERATOR_KEY = "operator-key-3b9d1f0c7a"
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory):
+def backend(tmp_path_factory, image_server, ray_serve):
     tmp = tmp_path_factory.mktemp("graph")
     checkpoint = TOY_CHECKPOINT
     image_dir = tmp / "media" / "upload"
@@ -50,29 +41,18 @@ def backend(tmp_path_factory):
         "image_dir": str(image_dir),
         "allowed_hosts": ["127.0.0.1"],
     })
+    images = image_server(http_root)
     # An operator's secrets, in the environment Ray starts with (never args).
-    with ImageServer(http_root) as images, pytest.MonkeyPatch.context() as env:
+    with pytest.MonkeyPatch.context() as env:
         env.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")
         env.setenv("LABEL_STUDIO_API_KEY", OPERATOR_KEY)
-        url = start_serve_config(config)
-        try:
-            wait_ready(url)
-            yield {"url": url, "images": images, "checkpoint": checkpoint, "config": config}
-        finally:
-            stop_serve()
-
-
-def task(task_id, image):
-    return {"id": task_id, "data": {"image": image}, "meta": {}, "annotations": [], "predictions": []}
+        url = ray_serve(config=config)
+        yield {"url": url, "images": images, "checkpoint": checkpoint, "config": config}
 
 
 def predict(url, tasks, label_config=LABEL_CONFIG, timeout=100):
-    resp = requests.post(
-        f"{url}/predict",
-        json={"tasks": tasks, "project": "1.1795905333", "label_config": label_config, "params": {}},
-        timeout=timeout,
-    )
-    return resp
+    """/predict for the project /setup was called for, as Label Studio sends it."""
+    return payloads.predict(url, tasks, label_config=label_config, project="1.1795905333", timeout=timeout, params={})
 
 
 def assert_well_formed(region, width, height):
@@ -117,17 +97,17 @@ def test_setup_returns_model_version_and_rejects_unusable_config(backend):
     bad = requests.post(f"{url}/setup", json={"project": "2.1", "schema": "<View><Text name='t' value='$t'/></View>"},
                         timeout=3)
     assert bad.status_code == 400 and "no <RectangleLabels>" in bad.json()["error"]
-    bad_predict = predict(url, [task(1, "/data/upload/1/c36a2d98-upload1.png")], label_config="<View/>")
+    bad_predict = predict(url, [ls_task(1, "/data/upload/1/c36a2d98-upload1.png")], label_config="<View/>")
     assert bad_predict.status_code == 400 and "no <RectangleLabels>" in bad_predict.json()["error"]
 
 
 def test_predict_answers_every_task_in_order_with_errors_per_task(backend):
     url, images = backend["url"], backend["images"]
     tasks = [
-        task(11, "/data/upload/1/c36a2d98-upload1.png"),  # image_dir
-        task(12, f"{images.url}/remote0.png"),  # HTTP
-        task(13, f"{images.url}/does-not-exist.png"),  # broken
-        task(14, f"{images.url}/remote1.png"),
+        ls_task(11, "/data/upload/1/c36a2d98-upload1.png"),  # image_dir
+        ls_task(12, f"{images.url}/remote0.png"),  # HTTP
+        ls_task(13, f"{images.url}/does-not-exist.png"),  # broken
+        ls_task(14, f"{images.url}/remote1.png"),
         {"id": 15, "data": {"text": "no image key"}},
     ]
     resp = predict(url, tasks)
@@ -152,7 +132,7 @@ def test_predict_answers_every_task_in_order_with_errors_per_task(backend):
 def test_batches_larger_than_one_form_under_concurrent_load(backend):
     url, images = backend["url"], backend["images"]
     def one_call(i):
-        return predict(url, [task(100 + i * 4 + k, f"{images.url}/remote{(i + k) % 8}.png") for k in range(4)])
+        return predict(url, [ls_task(100 + i * 4 + k, f"{images.url}/remote{(i + k) % 8}.png") for k in range(4)])
 
     with cf.ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(one_call, range(8)))
@@ -183,7 +163,7 @@ def _metric_sum(url, name):
 def test_metrics_count_tasks_and_failures_by_reason(backend):
     url, images = backend["url"], backend["images"]
     before = _metric_sum(url, 'ray_mmdet_ls_task_failures_total{')
-    predict(url, [task(900, f"{images.url}/status/500"), task(901, "ftp://x/y.png")])
+    predict(url, [ls_task(900, f"{images.url}/status/500"), ls_task(901, "ftp://x/y.png")])
     def grew():
         text = requests.get(f"{url}/metrics", timeout=10).text
         return 'reason="http_500"' in text and 'reason="bad_url"' in text and \
@@ -213,7 +193,7 @@ def test_score_threshold_and_batch_settings_change_live_without_reload(backend):
     url, images = backend["url"], backend["images"]
     detector = serve.get_deployment_handle("Detector", app_name="mmdet-backend")
     before = detector.info.remote().result()
-    tasks = [task(i, f"{images.url}/remote{i}.png") for i in range(8)]
+    tasks = [ls_task(i, f"{images.url}/remote{i}.png") for i in range(8)]
 
     def redeploy(score_threshold, max_batch_size, batch_wait_timeout_s):
         config = copy.deepcopy(backend["config"])

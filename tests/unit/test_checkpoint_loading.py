@@ -5,11 +5,10 @@ import collections
 import numpy as np
 import pytest
 import torch
+from model_fixtures import RTMDET_TINY, save_random_checkpoint
 
 from mmdet_ls.inference import BatchDetector
 from mmdet_ls.model_files import ModelFileError, resolve_config_file
-
-from model_fixtures import RTMDET_TINY, save_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from mmdet_ls.images import (
     decode_peak_bytes,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 
 
@@ -62,7 +62,7 @@ ENCODERS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def big_image(fmt: str) -> bytes:
     if fmt not in ENCODERS:
         pytest.fail(f"no test encoder for supported format {fmt}: add one to ENCODERS")
@@ -154,7 +154,7 @@ def test_ico_would_fail_the_per_format_check(pixel_loads, monkeypatch):
 BOMB_SIDE = 10_000
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def grey16_bomb() -> bytes:
     """10000x10000 I;16 PNG, almost all zeros: a few hundred KiB on the wire,
     2 GiB for the old float64 stretch."""

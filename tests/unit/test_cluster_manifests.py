@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from package_fixtures import build_project_wheel
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from ray.serve.schema import (
     DeploymentSchema,
@@ -28,9 +29,7 @@ from ray.serve.schema import (
 
 from serve_app import AppArgs
 
-from package_fixtures import build_project_wheel
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_CONFIG = ROOT / "serve_config.cluster.yaml"
 RAYSERVICE = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"

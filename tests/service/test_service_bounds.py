@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from payloads import ls_task, task
+from serve_fixtures import free_port, serve_config_for_test, stop_serve, wait_until
 
 from deployments.http_io import MAX_BODY_JSON_VALUES, RESPONSE_BYTES_PER_BODY_BYTE, RESPONSE_SLACK_BYTES
 from mmdet_ls.tasks import MAX_ERROR_CHARS
-from serve_fixtures import free_port, serve_config_for_test, stop_serve, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -40,6 +41,7 @@ APP = "mmdet-backend"
 AUTH_USER, AUTH_PASS = "bounds-user", "bounds-pass-4e1f9a"
 AUTH = (AUTH_USER, AUTH_PASS)
 CHECKPOINT_URL = "http://user:pw@127.0.0.1:9/models/x.pth"
+# Its own one-label config on purpose: the request bodies below are sized with it.
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="label" toName="image"><Label value="Car" predicted_values="car"/></RectangleLabels></View>'
@@ -171,7 +173,7 @@ def test_health_names_the_problem_in_one_line_without_secrets_or_internals(svc):
     raw = deployment("Detector").message
     # What Serve holds (and /health used to return): the whole traceback, with
     # the checkpoint URL, local paths, pid and actor id.
-    project_dir = str(Path(__file__).resolve().parent.parent)  # wherever the checkout is
+    project_dir = str(Path(__file__).resolve().parents[2])  # wherever the checkout is
     assert "Traceback" in raw and "ModelFileError" in raw and "127.0.0.1:9" in raw and project_dir in raw, raw
     ids = set(re.findall(r"pid=(\d+)", raw)) | set(re.findall(r"actor_id=(\w+)", raw))
     ids |= set(re.findall(r"Replica\(id='(\w+)'", raw)) | set(re.findall(r"replica_id=(\w+)", raw))
@@ -249,8 +251,7 @@ def test_rectangle_tags_are_capped_per_label_config(svc):
 
     message = ("label config not usable: label config has 3000 <RectangleLabels> tags; at most 16 are supported in "
                "one config (each tag repeats every detection as its own regions)")
-    resp = post(url, "/predict", {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}],
-                                  "label_config": config(3000)})
+    resp = post(url, "/predict", {"tasks": [task(1, "/data/upload/1/a.png")], "label_config": config(3000)})
     assert resp.status_code == 400 and resp.json() == {"status": "error", "error": message}
     resp = post(url, "/setup", {"project": "3.1", "schema": config(3000)})
     assert resp.status_code == 400 and resp.json() == {"status": "error", "error": message}
@@ -270,8 +271,7 @@ def test_tasks_past_the_limit_get_one_compact_item_each(svc):
     version = requests.get(f"{url}/health", timeout=5).json()["model_version"]
     # Label Studio-like tasks past the limit, bad ones inside it.
     tasks = [{"id": i, "meta": {}} for i in range(LIMIT)]
-    tasks += [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "meta": {}, "annotations": [],
-               "predictions": []} for i in range(LIMIT, 10_000)]
+    tasks += [ls_task(i, f"/data/upload/1/{i}.png") for i in range(LIMIT, 10_000)]
     body = tasks_body(json.dumps(tasks).encode())
     resp = post(url, "/predict", raw=body)
     assert resp.status_code == 200, resp.text[:300]
@@ -290,7 +290,7 @@ def test_per_task_messages_are_bounded(svc):
     # A data key of 5000 characters (from the label config) is quoted in each bad task's message.
     key = "k" * 5000
     config = LABEL_CONFIG.replace('value="$image"', f'value="${key}"')
-    resp = post(svc["url"], "/predict", {"tasks": [{"id": 1, "data": {"image": "x"}}] * 3, "label_config": config})
+    resp = post(svc["url"], "/predict", {"tasks": [task(1, "x")] * 3, "label_config": config})
     assert resp.status_code == 200
     for item in resp.json()["results"]:
         assert item["error_reason"] == "bad_task"

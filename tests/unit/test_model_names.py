@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from mmdet_ls.model_files import (
-    ModelFileError, default_checkpoint_for, mmdet_config_dir, model_version, resolve_config_file, shipped_configs,
+    ModelFileError,
+    default_checkpoint_for,
+    mmdet_config_dir,
+    model_version,
+    resolve_config_file,
+    shipped_configs,
 )
 
 FASTER_RCNN = "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"

@@ -23,21 +23,19 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
-from image_server import ImageServer
-from mmdet_ls.model_files import model_version
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from payloads import predict, task
 from serve_fixtures import free_port, wait_ready, wait_until
 from toy_detector.scenes import scene_png
 
-ROOT = Path(__file__).resolve().parent.parent
+from mmdet_ls.model_files import model_version
+
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
 
-LABEL_CONFIG = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
-                '<Label value="Vehicle" predicted_values="car,airplane,truck"/>'
-                '<Label value="Person" predicted_values="person"/></RectangleLabels></View>')
 API_KEY = "settings-test-key-5f1c"
 USER, PASSWORD = "labeler", "settings-pass-8d2e"
+AUTH = (USER, PASSWORD)
 SCENES = 8
 # Per way: (score_threshold, max_batch_size or None for the CPU default 4). Each
 # threshold is above the default 0.5 and above some of the toy detector's
@@ -47,7 +45,7 @@ DEFAULT_BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, image_server):
     tmp = tmp_path_factory.mktemp("settings")
     models = tmp / "models"
     models.mkdir()
@@ -59,9 +57,9 @@ def world(tmp_path_factory):
     ls_root = tmp / "ls"  # a stand-in Label Studio serving one upload
     (ls_root / "data" / "upload" / "9").mkdir(parents=True)
     (ls_root / "data" / "upload" / "9" / "only-on-ls.png").write_bytes(scene_png(820))
-    with ImageServer(models) as model_server, ImageServer(web) as images, ImageServer(ls_root) as ls:
-        yield {"tmp": tmp, "models": model_server, "images": images, "ls": ls,
-               "checkpoint_url": f"{model_server.url}/toy.pth"}
+    model_server, images, ls = image_server(models), image_server(web), image_server(ls_root)
+    return {"tmp": tmp, "models": model_server, "images": images, "ls": ls,
+            "checkpoint_url": f"{model_server.url}/toy.pth"}
 
 
 def image_dir_with(tmp: Path, name: str) -> Path:
@@ -92,17 +90,8 @@ def stop(proc) -> str:
     return out.decode(errors="replace")
 
 
-def task(task_id, image):
-    return {"id": task_id, "data": {"image": image}}
-
-
-def predict(url, tasks, auth=(USER, PASSWORD)):
-    return requests.post(f"{url}/predict", json={"tasks": tasks, "project": "1.1", "label_config": LABEL_CONFIG},
-                         auth=auth, timeout=100)
-
-
 def batch_sizes_seen(url) -> tuple[dict, float] | None:
-    text = requests.get(f"{url}/metrics", auth=(USER, PASSWORD), timeout=10).text
+    text = requests.get(f"{url}/metrics", auth=AUTH, timeout=10).text
     buckets: dict[float, float] = {}
     for line in text.splitlines():
         m = re.match(r'ray_mmdet_ls_model_batch_size_bucket\{.*le="([^"]+)".*\} ([0-9.e+]+)', line)
@@ -121,7 +110,8 @@ def check_service(world, url, model_dir, image_dir: Path, name: str, threshold: 
     # basic_auth_user + BASIC_AUTH_PASS
     assert predict(url, [], auth=None).status_code == 401
     # image_dir: a file only there; label_studio_url (+ the key from the environment): a file only there
-    resp = predict(url, [task(1, f"/data/upload/3/only-in-{name}.png"), task(2, "/data/upload/9/only-on-ls.png")])
+    resp = predict(url, [task(1, f"/data/upload/3/only-in-{name}.png"), task(2, "/data/upload/9/only-on-ls.png")],
+                   auth=AUTH)
     local, remote = resp.json()["results"]
     assert "result" in local and "error" not in local, local  # found: else an error item (not_found, ...)
     assert "result" in remote and "error" not in remote, remote
@@ -130,7 +120,8 @@ def check_service(world, url, model_dir, image_dir: Path, name: str, threshold: 
     # score_threshold (the live Postprocess setting): no region below it
     images = world["images"].url
     def one_call(i):  # 8 calls of 4 tasks at once: images queue at the Detector, so batches form
-        return predict(url, [task(10 + 4 * i + k, f"{images}/scene{(i + k) % SCENES}.png") for k in range(4)])
+        return predict(url, [task(10 + 4 * i + k, f"{images}/scene{(i + k) % SCENES}.png") for k in range(4)],
+                       auth=AUTH)
 
     with cf.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one_call, range(8)))

@@ -1,5 +1,5 @@
 """One owner per setting: where each lives, precedence, and what refuses (no Ray)."""
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,7 +9,7 @@ from mmdet_ls.devices import DeviceError, parse_device, resolve_device
 from mmdet_ls.settings import LIVE_SETTINGS, SettingError, check_user_config, score_threshold
 from serve_app import AppArgs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = ("CONFIG_FILE", "CHECKPOINT_FILE", "DEVICE", "IMAGE_DIR", "BASIC_AUTH_USER", "LOG_LEVEL", "SCORE_THRESHOLD")
 
 
@@ -90,12 +90,11 @@ def test_cuda_without_a_reserved_gpu_fails_naming_num_gpus():
 
 
 def _serve_script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import serve as serve_script
-    finally:
-        sys.path.pop(0)
-    return serve_script
+    """scripts/serve.py as a module (a script, not on sys.path)."""
+    spec = importlib.util.spec_from_file_location("serve_script", ROOT / "scripts" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_set_puts_each_key_where_it_is_owned():

@@ -25,21 +25,14 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from payloads import LABEL_CONFIG, task
 from PIL import Image
 
 from serve_app import AppArgs, build_app
 
-from image_server import ImageServer
-from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from serve_fixtures import start_serve, stop_serve, wait_ready
-
 pytestmark = pytest.mark.timeout(900)
 
-LABEL_CONFIG = (
-    '<View><Image name="image" value="$image"/>'
-    '<RectangleLabels name="label" toName="image"><Label value="Vehicle" predicted_values="car,airplane"/>'
-    '<Label value="Person" predicted_values="person"/></RectangleLabels></View>'
-)
 TWO_IMAGES = (
     '<View><Image name="a" value="$image"/><Image name="b" value="$img"/>'
     '<RectangleLabels name="la" toName="a" model_score_threshold="0.3"><Label value="Person" predicted_values="person"/>'
@@ -86,7 +79,7 @@ def _jpeg(size=(96, 64)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory):
+def svc(tmp_path_factory, image_server, ray_serve):
     tmp = tmp_path_factory.mktemp("fuzz")
     image_dir = tmp / "media" / "upload"
     (image_dir / "1").mkdir(parents=True)
@@ -95,16 +88,12 @@ def svc(tmp_path_factory):
     web.mkdir()
     (web / "a.jpg").write_bytes(_jpeg((64, 80)))
     (web / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
-    with ImageServer(web) as images:
-        args = AppArgs(config_file=str(TOY_CONFIG), checkpoint_file=str(TOY_CHECKPOINT), image_dir=str(image_dir),
-                       allowed_hosts=["127.0.0.1"], **FUZZ_LIMITS)
-        url = start_serve(build_app(args))
-        try:
-            wait_ready(url)
-            STATE.update(url=url, images=images)
-            yield STATE
-        finally:
-            stop_serve()
+    images = image_server(web)
+    args = AppArgs(config_file=str(TOY_CONFIG), checkpoint_file=str(TOY_CHECKPOINT), image_dir=str(image_dir),
+                   allowed_hosts=["127.0.0.1"], **FUZZ_LIMITS)
+    url = ray_serve(build_app(args))
+    STATE.update(url=url, images=images)
+    return STATE
 
 
 # ------------------------------------------------------------------ strategies
@@ -315,8 +304,7 @@ def test_hostile_image_values_answered_and_nothing_unhandled_logged(svc):
     sends them): one well-formed item each, the service still healthy, and no
     replica log with a traceback."""
     values = [_local(v) for v in interesting_images()]
-    body = {"tasks": [{"id": i, "data": {"image": v}} for i, v in enumerate(values)]
-            + [{"id": len(values), "data": {"image": "/data/upload/1/a.jpg"}}],
+    body = {"tasks": [task(i, v) for i, v in enumerate(values)] + [task(len(values), "/data/upload/1/a.jpg")],
             "label_config": LABEL_CONFIG}
     coverage = Coverage("hostile_values")
     resp = post("/predict", json.dumps(body).encode())

@@ -5,18 +5,17 @@ import io
 
 import pytest
 import requests
+from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+from payloads import task
 from PIL import Image
+from toy_detector.scenes import make_scene
 
 from serve_app import AppArgs, build_app
 
-from image_server import ImageServer
-from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
-from serve_fixtures import start_serve, stop_serve, wait_ready
-from toy_detector.scenes import make_scene
-
 pytestmark = pytest.mark.timeout(900)
 
-# Two detector classes squashed into one label, one mapped 1:1.
+# Its own label config on purpose: two detector classes squashed into one label
+# ("car, airplane", with a space), one mapped 1:1 to a label of another name.
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="label" toName="image">'
@@ -59,7 +58,7 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, image_server, ray_serve):
     root = tmp_path_factory.mktemp("geometry")
     truth = {}
     for name, (seed, size, store) in CASES.items():
@@ -68,13 +67,9 @@ def service(tmp_path_factory):
         truth[name] = (size, objects)
     args = AppArgs(config_file=str(TOY_CONFIG), checkpoint_file=str(TOY_CHECKPOINT),
                    image_dir=str(root / "uploads"), allowed_hosts=["127.0.0.1"])
-    with ImageServer(root) as images:
-        url = start_serve(build_app(args))
-        try:
-            wait_ready(url)
-            yield url, images, truth
-        finally:
-            stop_serve()
+    images = image_server(root)
+    url = ray_serve(build_app(args))
+    return url, images, truth
 
 
 def iou(a, b):
@@ -91,7 +86,7 @@ def test_every_object_found_with_right_label_and_geometry(service):
         "project": "7.1", "schema": LABEL_CONFIG, "hostname": "http://localhost:8080", "access_token": "x"})
     assert setup.status_code == 200
     names = list(CASES)
-    tasks = [{"id": i, "data": {"image": f"{images.url}/{name}.img"}} for i, name in enumerate(names)]
+    tasks = [task(i, f"{images.url}/{name}.img") for i, name in enumerate(names)]
     # No label_config in the body: the one from /setup for this project is used.
     resp = requests.post(f"{url}/predict", json={"tasks": tasks, "project": "7.1"}, timeout=100)
     assert resp.status_code == 200

@@ -32,21 +32,16 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from model_fixtures import RTMDET_TINY, TOY_CHECKPOINT, TOY_CONFIG, save_random_checkpoint
 from package_fixtures import PIP, build_project_wheel
+from payloads import predict, task
 from serve_fixtures import free_port, wait_until
 from toy_detector.scenes import scene_png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_CONFIG = ROOT / "serve_config.cluster.yaml"
 VENV_BIN = Path(sys.executable).parent
 APP = "mmdet-backend"
-LABEL_CONFIG = (
-    '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
-    '<Label value="Vehicle" predicted_values="car,airplane,truck"/><Label value="Person" predicted_values="person"/>'
-    "</RectangleLabels></View>"
-)
 TIMINGS: dict[str, float] = {}  # measured times, printed at the end of the module
 
 pytestmark = pytest.mark.timeout(300)
@@ -295,17 +290,13 @@ def deployed(env):
     return env
 
 
-def task(task_id: int, seed: int) -> dict:
-    return {"id": task_id, "data": {"image": f"/data/upload/1/scene{seed % 4}.png"}}
+def scene_task(task_id: int, seed: int) -> dict:
+    """A task for one of the four uploads the `env` fixture writes."""
+    return task(task_id, f"/data/upload/1/scene{seed % 4}.png")
 
 
 def _deployment(env: dict, name: str) -> dict:
     return next(d for d in env["config"]["applications"][0]["deployments"] if d["name"] == name)
-
-
-def predict(url: str, tasks: list[dict], timeout: float = 100) -> requests.Response:
-    return requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG, "project": "1.1"},
-                         timeout=timeout)
 
 
 # ------------------------------------------------------------------ tests
@@ -369,7 +360,7 @@ def test_detectors_only_on_the_gpu_node_loaders_on_both_proxy_on_head(deployed):
 
 def test_predict_end_to_end_on_the_cluster(deployed):
     cluster = deployed["cluster"]
-    resp = predict(cluster.url, [task(1, 0), task(2, 1), {"id": 3, "data": {"image": "/data/upload/1/none.png"}}])
+    resp = predict(cluster.url, [scene_task(1, 0), scene_task(2, 1), task(3, "/data/upload/1/none.png")])
     assert resp.status_code == 200, resp.text
     first, second, missing = resp.json()["results"]
     version = health(cluster)["model_version"]
@@ -389,7 +380,7 @@ def _load(cluster: LocalCluster, stop: threading.Event, clients: int, results: l
         while not stop.is_set():
             started = time.monotonic()
             try:
-                resp = predict(cluster.url, [task(n * 1000 + i + k, i + k) for k in range(tasks_per_call)])
+                resp = predict(cluster.url, [scene_task(n * 1000 + i + k, i + k) for k in range(tasks_per_call)])
                 results.append((resp.status_code, time.monotonic() - started, resp))
             except requests.RequestException as exc:
                 results.append((type(exc).__name__, time.monotonic() - started, None))
@@ -445,7 +436,7 @@ def test_backpressure_beyond_the_queue_bound_answers_503_with_retry_after(deploy
     def call(i: int):
         start_together.wait(timeout=30)
         started = time.monotonic()
-        resp = predict(cluster.url, [task(5000 + i * 8 + k, k) for k in range(8)], timeout=100)
+        resp = predict(cluster.url, [scene_task(5000 + i * 8 + k, k) for k in range(8)], timeout=100)
         return resp.status_code, time.monotonic() - started, resp.headers.get("Retry-After"), resp.text
 
     with cf.ThreadPoolExecutor(burst) as pool:
@@ -461,7 +452,7 @@ def test_backpressure_beyond_the_queue_bound_answers_503_with_retry_after(deploy
         assert seconds < 10, "a rejection is immediate, never a hang"
     TIMINGS["backpressure_rejected_of_burst"] = len(rejected) / burst
     # Still serving right after the burst.
-    after = predict(cluster.url, [task(9999, 0)])
+    after = predict(cluster.url, [scene_task(9999, 0)])
     assert after.status_code == 200 and "error" not in after.json()["results"][0]
 
 

@@ -7,14 +7,13 @@ import threading
 import time
 
 import pytest
+from image_server import ImageServer
 from PIL import Image
 
 from mmdet_ls.failures import TaskError
 from mmdet_ls.http_fetch import CancelToken
 from mmdet_ls.image_sources import FetchLimits, LabelStudioAccess, LabelStudioAuth, fetch_image_bytes
 from mmdet_ls.network_policy import NetworkPolicy, classify_address
-
-from image_server import ImageServer
 
 LOOPBACK_OK = NetworkPolicy(allowed_hosts=("127.0.0.1",))
 
