@@ -106,3 +106,19 @@ def start_serve_config(config: dict, num_cpus: int = 4) -> str:
     serve.start(http_options=config["http_options"])
     deploy_config(config)
     return f"http://{config['http_options']['host']}:{config['http_options']['port']}"
+
+
+def batch_size_histogram(url: str, auth=None) -> tuple[dict, float] | None:
+    """The Detector's batch-size histogram from /metrics, summed over replicas:
+    (cumulative count per bucket bound, number of batches), None before any."""
+    import re
+
+    text = requests.get(f"{url}/metrics", auth=auth, timeout=10).text
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'ray_mmdet_ls_model_batch_size_bucket\{.*le="([^"]+)".*\} ([0-9.e+]+)', line)
+        if m:
+            buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0) + float(m.group(2))
+    count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("ray_mmdet_ls_model_batch_size_count"))
+    return (buckets, count) if count >= 1 else None

@@ -12,7 +12,7 @@ import pytest
 import requests
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 from payloads import LABEL_CONFIG, LABELS, ls_task
-from serve_fixtures import deploy_config, free_port, serve_config_for_test, wait_until
+from serve_fixtures import batch_size_histogram, deploy_config, free_port, serve_config_for_test, wait_until
 from toy_detector.scenes import scene_png
 
 from mmdet_ls.model_files import model_version
@@ -139,18 +139,7 @@ def test_batches_larger_than_one_form_under_concurrent_load(backend):
     assert all(r.status_code == 200 and len(r.json()["results"]) == 4 for r in responses)
     assert all("error" not in item for r in responses for item in r.json()["results"])
 
-    def batch_histogram():
-        text = requests.get(f"{url}/metrics", timeout=10).text
-        buckets = {}
-        for line in text.splitlines():
-            m = re.match(r'ray_mmdet_ls_model_batch_size_bucket\{.*le="([^"]+)".*\} ([0-9.e+]+)', line)
-            if m:
-                buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0) + float(m.group(2))
-        count = sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                    if l.startswith("ray_mmdet_ls_model_batch_size_count"))
-        return (buckets, count) if count >= 1 else None
-
-    buckets, count = wait_until(batch_histogram, 60, 1, "batch size metrics")
+    buckets, count = wait_until(lambda: batch_size_histogram(url), 60, 1, "batch size metrics")
     # Cumulative buckets: fewer batches of size <= 1 than batches in all.
     assert buckets[1.0] < count, f"every batch had one image: {buckets}"
 

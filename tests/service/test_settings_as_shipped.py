@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 from payloads import predict, task
-from serve_fixtures import free_port, wait_ready, wait_until
+from serve_fixtures import batch_size_histogram, free_port, wait_ready, wait_until
 from toy_detector.scenes import scene_png
 
 from mmdet_ls.model_files import model_version
@@ -90,18 +88,6 @@ def stop(proc) -> str:
     return out.decode(errors="replace")
 
 
-def batch_sizes_seen(url) -> tuple[dict, float] | None:
-    text = requests.get(f"{url}/metrics", auth=AUTH, timeout=10).text
-    buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        m = re.match(r'ray_mmdet_ls_model_batch_size_bucket\{.*le="([^"]+)".*\} ([0-9.e+]+)', line)
-        if m:
-            buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0) + float(m.group(2))
-    count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("ray_mmdet_ls_model_batch_size_count"))
-    return (buckets, count) if count >= 1 else None
-
-
 def check_service(world, url, model_dir, image_dir: Path, name: str, threshold: float, batch: int) -> dict:
     health = wait_ready(url, timeout_s=300)
     # config_file + checkpoint_file (a URL, cached under MODEL_DIR)
@@ -128,7 +114,7 @@ def check_service(world, url, model_dir, image_dir: Path, name: str, threshold: 
     regions = [r for a in answers for item in a.json()["results"] for r in item["result"]]
     assert all(r["score"] >= threshold for r in regions), sorted(r["score"] for r in regions)[:5]
     # max_batch_size (the live Detector setting): batches formed, none above it
-    buckets, count = wait_until(lambda: batch_sizes_seen(url), 60, 1, "batch size metrics")
+    buckets, count = wait_until(lambda: batch_size_histogram(url, AUTH), 60, 1, "batch size metrics")
     assert all(n == count for le, n in buckets.items() if le >= batch), (batch, buckets)
     assert buckets[1.0] < count, f"no batch above one image: {buckets}"
     return {"regions": len(regions)}
