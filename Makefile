@@ -16,11 +16,11 @@ INSTALLED_DEV := $(VENV)/.installed-dev
 .PHONY: install install-dev serve test test-fast
 
 $(INSTALLED): requirements.txt scripts/install.sh
-	bash scripts/install.sh
+	VENV=$(VENV) bash scripts/install.sh
 	touch $@
 
 $(INSTALLED_DEV): $(INSTALLED) requirements-dev.txt scripts/install_labelstudio.sh
-	INSTALL_DEV=1 bash scripts/install.sh
+	VENV=$(VENV) INSTALL_DEV=1 bash scripts/install.sh
 	bash scripts/install_labelstudio.sh
 	touch $@
 

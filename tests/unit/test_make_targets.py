@@ -1,0 +1,35 @@
+"""The two set-up commands: `make serve` installs only when it must, so a
+second start works offline; `make test` runs everything, `make test-fast` the unit tests."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dry_run(target: str, venv: Path) -> str:
+    if not shutil.which("make"):
+        pytest.fail("make is one of the README's two set-up commands and must be installed")
+    return subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
+                          check=True, timeout=30).stdout
+
+
+def test_make_serve_installs_once(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    first = dry_run("serve", venv)
+    assert "scripts/install.sh" in first and "scripts/serve.py serve_config.yaml" in first
+    (venv / ".installed").touch()  # what the first install leaves behind
+    again = dry_run("serve", venv)
+    assert "scripts/install.sh" not in again and "scripts/serve.py serve_config.yaml" in again
+
+
+def test_make_test_runs_everything_and_test_fast_the_unit_tests(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    for stamp in (".installed", ".installed-dev"):
+        (venv / stamp).touch()
+    assert "-m pytest tests" in dry_run("test", venv) and "-m unit" not in dry_run("test", venv)
+    assert "-m unit" in dry_run("test-fast", venv)
