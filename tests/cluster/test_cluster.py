@@ -138,15 +138,34 @@ class LocalCluster:
             "--object-store-memory", str(200 * 1024 * 1024),
         ]
 
-    def start_head(self) -> None:
-        node = RayNode([
-            "--head", "--port", str(self.gcs_port), "--num-cpus", "2", "--num-gpus", "0",
-            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(free_port()), *self._node_args("head"),
-        ], self.env, self.cwd, self.base / "head.log")
-        self.nodes.append(node)
-        nodes = wait_until(lambda: self._alive_nodes(1), 120, 1, "the head node")
-        self.head_id = nodes[0]["node_id"]
+    def start_head(self, attempts: int = 3) -> None:
+        # A port free_port() found free can be taken (e.g. as another process's
+        # outgoing port) before Ray binds it: then the head dies at once
+        # ("address already in use"), and is started again on other ports.
+        for attempt in range(attempts):
+            name = "head" if attempt == 0 else f"head-{attempt}"
+            node = RayNode([
+                "--head", "--port", str(self.gcs_port), "--num-cpus", "2", "--num-gpus", "0",
+                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                str(self.dashboard_port), "--ray-client-server-port", str(free_port()), *self._node_args(name),
+            ], self.env, self.cwd, self.base / f"{name}.log")
+            self.nodes.append(node)
+            try:
+                nodes = wait_until(lambda node=node: self._alive_nodes(1) if node.alive() else "died", 120, 1,
+                                   "the head node")
+            except TimeoutError:
+                nodes = None
+            if nodes != "died" and nodes is not None:
+                self.head_id = nodes[0]["node_id"]
+                return
+            log = node.tail()
+            node.stop()
+            self.nodes.remove(node)
+            if "address already in use" not in log or attempt == attempts - 1:
+                raise AssertionError(f"the head node did not start:\n{log}")
+            self.gcs_port, self.dashboard_port, self.http_port = free_port(), free_port(), free_port()
+            self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+            self.url = f"http://127.0.0.1:{self.http_port}"
 
     def add_gpu_worker(self) -> None:
         node = RayNode([
