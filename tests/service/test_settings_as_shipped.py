@@ -120,6 +120,16 @@ def check_service(world, url, model_dir, image_dir: Path, name: str, threshold: 
     return {"regions": len(regions)}
 
 
+def run_way(world, way, argv, env, port, image_dir, threshold, batch) -> tuple[dict, str]:
+    """One `serve run` set up one way: (what check_service saw, its output)."""
+    proc, url, model_dir = start(world, way, argv, env, port)
+    try:
+        return check_service(world, url, model_dir, image_dir, way, threshold, batch), stop(proc)
+    except BaseException:
+        stop(proc)
+        raise
+
+
 def test_every_setting_each_way_on_the_shipped_config(world):
     outcomes, logs = {}, {}
     common = {"config_file": str(TOY_CONFIG), "checkpoint_file": world["checkpoint_url"], "device": "cpu",
@@ -134,11 +144,7 @@ def test_every_setting_each_way_on_the_shipped_config(world):
     argv = ["serve_config.yaml", "--port", str(port)]
     for key, value in sets.items():
         argv += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
-    proc, url, model_dir = start(world, "set", argv, {}, port)
-    try:
-        outcomes["set"] = check_service(world, url, model_dir, image_dir, "set", threshold, batch)
-    finally:
-        logs["set"] = stop(proc)
+    outcomes["set"], logs["set"] = run_way(world, "set", argv, {}, port, image_dir, threshold, batch)
 
     # 2. The YAML, edited where each setting lives; the environment says otherwise and loses.
     threshold, batch = WAYS["yaml"]
@@ -155,11 +161,7 @@ def test_every_setting_each_way_on_the_shipped_config(world):
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     losing_env = {"SCORE_THRESHOLD": "0.05", "IMAGE_DIR": str(image_dir_with(world["tmp"], "env-loses")),
                   "CONFIG_FILE": "no/such/config.py", "DEVICE": "cuda"}
-    proc, url, model_dir = start(world, "yaml", [str(path)], losing_env, port)
-    try:
-        outcomes["yaml"] = check_service(world, url, model_dir, image_dir, "yaml", threshold, batch)
-    finally:
-        logs["yaml"] = stop(proc)
+    outcomes["yaml"], logs["yaml"] = run_way(world, "yaml", [str(path)], losing_env, port, image_dir, threshold, batch)
 
     # 3. The environment, on the shipped file untouched.
     threshold, _ = WAYS["env"]
@@ -173,11 +175,7 @@ def test_every_setting_each_way_on_the_shipped_config(world):
     shipped["applications"][0]["args"]["allowed_hosts"] = ["127.0.0.1"]  # the test's image server
     path = world["tmp"] / "serve_config.port.yaml"
     path.write_text(yaml.safe_dump(shipped, sort_keys=False))
-    proc, url, model_dir = start(world, "env", [str(path)], env, port)
-    try:
-        outcomes["env"] = check_service(world, url, model_dir, image_dir, "env", threshold, DEFAULT_BATCH)
-    finally:
-        logs["env"] = stop(proc)
+    outcomes["env"], logs["env"] = run_way(world, "env", [str(path)], env, port, image_dir, threshold, DEFAULT_BATCH)
 
     # The thresholds really differed: a lower one kept more regions.
     counts = [outcomes[way]["regions"] for way in ("set", "yaml", "env")]
