@@ -5,12 +5,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application
 
-from deployments.detector import Detector
+from deployments.detector import Detector, usable_cores
 from deployments.image_loader import ImageLoader
 from deployments.ingress import MAX_INFLIGHT_IMAGES, MAX_TASKS_PER_REQUEST, PREDICT_TIMEOUT_S, LabelStudioIngress
 from deployments.postprocess import Postprocess
@@ -49,6 +49,8 @@ class AppArgs(BaseModel):
     label_studio_url: Optional[str] = None
     stack_batches: Optional[bool] = None  # default: True on GPU, False on CPU
     torch_threads: Optional[int] = Field(None, ge=1)
+    # auto: on the CPU, channels_last or torch.compile when it measured faster at start-up
+    model_acceleration: Literal["auto", "eager", "channels_last", "compile"] = "auto"
     predict_timeout_s: float = Field(PREDICT_TIMEOUT_S, gt=0, le=100.0)  # Label Studio gives up at 100 s
     max_tasks_per_request: int = Field(MAX_TASKS_PER_REQUEST, ge=1)
     max_inflight_images: int = Field(MAX_INFLIGHT_IMAGES, ge=1)
@@ -96,6 +98,20 @@ class AppArgs(BaseModel):
         return str(Path(self.image_dir or default_image_dir()).expanduser())
 
 
+def this_node_cpus() -> float:
+    """CPUs of the Ray node building the app (the machine, for `serve run`)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():  # built outside Ray (a test, a script): this machine
+            return float(usable_cores())
+        node_id = ray.get_runtime_context().get_node_id()
+        cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node_id), 0)
+    except Exception:
+        cpus = 0
+    return float(cpus or usable_cores())
+
+
 def build_app(args: AppArgs) -> Application:
     if isinstance(args, dict):
         args = AppArgs(**args)
@@ -108,6 +124,10 @@ def build_app(args: AppArgs) -> Application:
     # Deployment options belong to the serve config; only logging is set here,
     # because LOG_LEVEL / log_level is its documented owner.
     logged = {"logging_config": {"log_level": args.log_level}} if args.log_level else {}
+    # Unless the serve config reserves the Detector's resources, it reserves
+    # every CPU of this machine, and runs that many torch threads: the other
+    # deployments reserve none (docs/performance.md: the measured rule).
+    detector_resources = {"ray_actor_options": {"num_cpus": this_node_cpus(), "num_gpus": 0}}
 
     loader = ImageLoader.options(**logged).bind(
         image_dir=args.resolved_image_dir(),
@@ -122,7 +142,7 @@ def build_app(args: AppArgs) -> Application:
         allowed_hosts=list(args.allowed_hosts),
         max_image_pixels=args.max_image_pixels,
     )
-    detector = Detector.options(**logged).bind(
+    detector = Detector.options(**logged, **detector_resources).bind(
         config_file=args.config_file,
         checkpoint_file=checkpoint_file,
         device=args.device,
@@ -130,6 +150,7 @@ def build_app(args: AppArgs) -> Application:
         torch_threads=args.torch_threads,
         stack_batches=args.stack_batches,
         checkpoint_sha256=args.checkpoint_sha256,
+        acceleration=args.model_acceleration,
     )
     postprocess = Postprocess.options(**logged).bind()
     return LabelStudioIngress.options(**logged).bind(

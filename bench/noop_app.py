@@ -6,13 +6,17 @@ serving graph itself costs per request.
 import numpy as np
 
 import serve_app
-from deployments.detector import Detector
+from deployments.detector import Detector, model_thread
 from mmdet_ls.regions import Detections
 
 
 class NoopBatchDetector:
     device = "cpu"
     class_names = ["car"]
+    acceleration_report = {"mode": "eager"}
+
+    def compile_count(self) -> int:
+        return 0
 
     def detect(self, images, stacked=True):
         return [
@@ -26,6 +30,7 @@ class NoopDetector(Detector.func_or_class):
         import time
 
         self.threads = 1
+        self._model_thread = model_thread(1)
         self.loaded_at = time.time()
         self.runner = NoopBatchDetector()
         self.stack_batches = False

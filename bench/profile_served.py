@@ -3,7 +3,7 @@
 
     .venv/bin/python -m bench.profile_served [--model rtmdet-tiny] [--seconds 20]   # from the repository root
 
-Starts the service like serving_bench.py, drives one-task requests at
+Starts the shipped service like serving_bench.py, drives one-task requests at
 concurrency 4, and meanwhile (1) records CPU seconds per process from /proc,
 (2) samples the Detector replica with py-spy (pip install py-spy) and prints
 the hottest frames. Not a test.
@@ -49,14 +49,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="rtmdet-tiny")
     p.add_argument("--seconds", type=float, default=20)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     opts = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="profile-served-"))
     names = make_images(tmp / "images")
     checkpoint = save_random_checkpoint(MODELS[opts.model], tmp / "model.pth")
-    args = {"config_file": MODELS[opts.model], "checkpoint_file": str(checkpoint), "image_dir": str(tmp / "u"),
-            "allowed_hosts": ["127.0.0.1"], "torch_threads": opts.threads}
-    with ImageServer(tmp / "images") as images, Service(tmp, args, "cpu", opts.threads, 4) as svc:
+    env = {"CONFIG_FILE": MODELS[opts.model], "CHECKPOINT_FILE": str(checkpoint), "IMAGE_DIR": str(tmp / "u")}
+    with ImageServer(tmp / "images") as images, Service(tmp, env, {"allowed_hosts": ["127.0.0.1"]}) as svc:
         urls = [f"{images.url}/{n}" for n in names]
         stop = threading.Event()
 

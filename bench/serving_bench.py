@@ -1,18 +1,29 @@
 #!/usr/bin/env python
-"""Serving efficiency against the raw model, on both Label Studio traffic shapes.
+"""The shipped service against the raw model floor, in one run.
 
-    .venv/bin/python -m bench.serving_bench                 # CPU: RTMDet-tiny + Faster R-CNN
+    .venv/bin/python -m bench.serving_bench                          # CPU: RTMDet-tiny + Faster R-CNN + no-op
     .venv/bin/python -m bench.serving_bench --models rtmdet-tiny --quick
-    .venv/bin/python -m bench.serving_bench --device cuda   # same sweep on a GPU, < 8 min
+    .venv/bin/python -m bench.serving_bench --models none            # the graph's ceiling (no-op model) only
 
-(from the repository root, like every bench script).
+(from the repository root, like every bench script). `serve_config.gpu.yaml`
+on a GPU box: bench/gpu_check.sh.
 
-In one run and on the same images it measures: (1) the raw floor, decode +
-model in one process at the best batch size; (2) one /predict carrying N
-tasks (Label Studio's "Retrieve predictions"); (3) one-task requests at
-concurrency C (annotators opening tasks); (4) pure serving overhead with the
-model call replaced by a no-op. Images come from a local HTTP server with 0 ms
-and 100 ms added latency. Results: bench/results/*.json, a PNG plot, a table.
+In one run, on the same 640x480 JPEGs, it measures:
+1. the raw floor: decode + model in one process, eager, with as many torch
+   threads as the served Detector runs (the machine's cores), one image at a
+   time; and the same with the acceleration the Detector picks;
+2. `serve run` on the shipped serve_config.yaml (only host/port and
+   allowed_hosts changed; the model comes from CONFIG_FILE/CHECKPOINT_FILE,
+   images from IMAGE_DIR, as the README sets them), for the Detector's
+   acceleration "eager" and "auto": one /predict with N tasks (Label Studio's
+   "Retrieve predictions") and one-task calls C at a time (annotators
+   opening tasks), with images from an HTTP server (0 ms and 100 ms added
+   latency) and from image_dir; /health latency while the model is busy;
+   the service's memory (RSS summed over its processes) idle and under load;
+3. the graph's ceiling: the no-op model (bench/noop_app.py) on one /predict
+   of 256 uploads and on one-task calls 16 at a time, against one process
+   decoding the same files on one core.
+Results: bench/results/serving-<stamp>.json (+ .png) with provenance.
 """
 from __future__ import annotations
 
@@ -24,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,8 +43,9 @@ from pathlib import Path
 import requests
 import yaml
 
+from bench.provenance import provenance, stamp
 from tests.image_server import ImageServer
-from tests.model_fixtures import FASTER_RCNN, RTMDET_TINY, TOY_CHECKPOINT, TOY_CONFIG, save_random_checkpoint
+from tests.model_fixtures import FASTER_RCNN, RTMDET_TINY, TOY_CONFIG, save_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,12 +55,12 @@ LABEL_CONFIG = (
     '<Label value="Car" predicted_values="car,truck"/><Label value="Person" predicted_values="person"/>'
     '<Label value="Airplane" predicted_values="airplane"/></RectangleLabels></View>'
 )
+UPLOAD_SUBDIR = "1"  # tasks say /data/upload/1/<name>, as Label Studio's uploads do
 
 
 # ----------------------------------------------------------------- images
-def make_images(directory: Path) -> list[str]:
-    """Real photos where a package ships some (matplotlib's sample photo),
-    synthetic scenes otherwise; several sizes."""
+def make_images(directory: Path, count: int = 8) -> list[str]:
+    """640x480 JPEGs: matplotlib's sample photo where it ships, synthetic scenes."""
     from PIL import Image
 
     from tests.toy_detector.scenes import make_scene
@@ -56,14 +69,11 @@ def make_images(directory: Path) -> list[str]:
     names = []
     photo = Path(__import__("matplotlib").get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if photo.is_file():
-        img = Image.open(photo).convert("RGB")
-        for i, size in enumerate([(512, 600), (1024, 1200), (640, 480), (1280, 720)]):
-            names.append(f"photo{i}.jpg")
-            img.resize(size).save(directory / names[-1], quality=90)
-    for i, size in enumerate([(320, 256), (416, 416), (800, 600), (1920, 1080)]):
+        names.append("photo.jpg")
+        Image.open(photo).convert("RGB").resize((640, 480)).save(directory / names[-1], quality=90)
+    for i in range(count - len(names)):
         names.append(f"scene{i}.jpg")
-        make_scene(9000 + i, *size)[0].save(directory / names[-1], quality=90)
-    Image.new("RGB", (64, 48), (120, 130, 140)).save(directory / "tiny.png")
+        make_scene(9000 + i, 640, 480)[0].save(directory / names[-1], quality=90)
     return names
 
 
@@ -80,71 +90,81 @@ def raw_floor_main(opts) -> None:
     from mmdet_ls.inference import BatchDetector
     from mmdet_ls.model_files import resolve_config_file
 
-    det = BatchDetector(resolve_config_file(opts.config), opts.checkpoint, opts.device)
     blobs = [Path(p).read_bytes() for p in opts.images]
-    det.detect([decode_image(blobs[0]).bgr])  # warm-up
-    results = []
-    for batch in [int(b) for b in opts.batch_sizes.split(",")]:
-        for stacked in ([False, True] if batch > 1 else [True]):
-            n = max(len(blobs), batch)
-            start = time.perf_counter()
-            for i in range(0, n, batch):
-                chunk = [blobs[j % len(blobs)] for j in range(i, min(n, i + batch))]
-                det.detect([decode_image(b).bgr for b in chunk], stacked=stacked)
-            if opts.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            results.append({"batch": batch, "stacked": stacked, "images_per_s": n / (time.perf_counter() - start)})
-    print("RAW_FLOOR " + json.dumps(results), flush=True)
+    det = BatchDetector(resolve_config_file(opts.config), opts.checkpoint, opts.device,
+                        acceleration=opts.acceleration)
+    det.detect([decode_image(blobs[0]).bgr], stacked=False)  # warm-up
+    start = time.perf_counter()
+    for i in range(opts.count):
+        det.detect([decode_image(blobs[i % len(blobs)]).bgr], stacked=False)
+    seconds = time.perf_counter() - start
+    out = {"images_per_s": opts.count / seconds, "images": opts.count, "threads": opts.threads,
+           "acceleration": det.acceleration_report}
+    print("RAW_FLOOR " + json.dumps(out), flush=True)
 
 
-def measure_raw_floor(config, checkpoint, images, device, threads, batch_sizes) -> dict:
+def measure_raw_floor(config: str, checkpoint: str, images: list[str], threads: int, count: int,
+                      acceleration: str) -> dict:
     cmd = [sys.executable, "-m", "bench.serving_bench", "--raw-floor", "--config", config, "--checkpoint", checkpoint,
-           "--device", device, "--threads", str(threads), "--batch-sizes", batch_sizes, "--images", *images]
+           "--threads", str(threads), "--count", str(count), "--acceleration", acceleration, "--images", *images]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = next((text for text in out.stdout.splitlines() if text.startswith("RAW_FLOOR ")), None)
     if line is None:
         raise RuntimeError(out.stderr[-3000:])
-    rows = json.loads(line[len("RAW_FLOOR "):])
-    best = max(rows, key=lambda r: r["images_per_s"])
-    return {"rows": rows, "best": best}
+    return json.loads(line[len("RAW_FLOOR "):])
+
+
+def decode_rate_one_core(paths: list[str], count: int = 600) -> float:
+    """One process, pinned to one core, decoding the files: images/s."""
+    code = (
+        "import os, sys, time, cv2; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); cv2.setNumThreads(1)\n"
+        "from mmdet_ls.images import decode_image\n"
+        "blobs = [open(p, 'rb').read() for p in sys.argv[2:]]; n = int(sys.argv[1])\n"
+        "[decode_image(b) for b in blobs]\n"
+        "t = time.perf_counter()\n"
+        "for i in range(n): decode_image(blobs[i % len(blobs)])\n"
+        "print(n / (time.perf_counter() - t))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(count), *paths], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- service
 class Service:
-    """`serve run` on a generated config, the way users start it."""
+    """`serve run` on a copy of the shipped config, the way the README starts
+    it: only host/port (and `args_update`, e.g. allowed_hosts) changed;
+    everything else from the environment `env`."""
 
-    def __init__(self, tmp: Path, args: dict, device: str, threads: int, max_batch: int, noop: bool = False):
-        shipped = "serve_config.gpu.yaml" if device.startswith("cuda") else "serve_config.yaml"
-        base = yaml.safe_load((ROOT / shipped).read_text())
+    def __init__(self, tmp: Path, env: dict, args_update: dict | None = None, noop: bool = False,
+                 shipped: str = "serve_config.yaml", detector_cpus: float | None = None):
         from tests.serve_fixtures import free_port
 
+        base = yaml.safe_load((ROOT / shipped).read_text())
         self.port = free_port()
-        base["http_options"]["port"] = self.port
-        base["http_options"]["host"] = "127.0.0.1"
+        base["http_options"]["host"], base["http_options"]["port"] = "127.0.0.1", self.port
         app = base["applications"][0]
-        app["args"].update(args)
+        app.setdefault("args", {}).update(args_update or {})
         if noop:
             app["import_path"] = "bench.noop_app:build_app"
-        for dep in app["deployments"]:
-            if dep["name"] == "Detector":
-                dep["ray_actor_options"]["num_cpus"] = threads
-                dep.setdefault("user_config", {})["max_batch_size"] = max_batch
-                dep["max_ongoing_requests"] = max(dep.get("max_ongoing_requests", 16), 2 * max_batch)
-            elif not device.startswith("cuda"):
-                # Logical only: lets the detector own every core, as the raw floor does.
-                dep["ray_actor_options"]["num_cpus"] = 0
+        if detector_cpus is not None:  # the thread-rule comparison only
+            for dep in app["deployments"]:
+                if dep["name"] == "Detector":
+                    dep["ray_actor_options"] = {"num_cpus": detector_cpus}
         self.config = tmp / f"serve_config.bench.{self.port}.yaml"
         self.config.write_text(yaml.safe_dump(base, sort_keys=False))
+        self.config_text = self.config.read_text()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env
         self.proc = None
 
     def __enter__(self):
-        env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **getattr(self, "env", {}), "RAY_ADDRESS": "local", "PYTHONPATH": str(ROOT)}
         serve_bin = str(Path(sys.executable).parent / "serve")
         self.log = open(str(self.config) + ".log", "w")
         self.proc = subprocess.Popen([serve_bin, "run", str(self.config)], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             try:
                 if requests.get(f"{self.url}/health", timeout=1).json().get("ready"):
@@ -166,12 +186,11 @@ class Service:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
 
-    def predict(self, urls: list[str]) -> float:
+    def predict(self, urls: list[str], session=None) -> float:
         tasks = [{"id": i, "data": {"image": u}} for i, u in enumerate(urls)]
         start = time.perf_counter()
         body = {"tasks": tasks, "project": "1.1", "label_config": LABEL_CONFIG}
-        resp = requests.post(f"{self.url}/predict", json=body,
-                             timeout=300)
+        resp = (session or requests).post(f"{self.url}/predict", json=body, timeout=300)
         elapsed = time.perf_counter() - start
         items = resp.json()["results"]
         errors = [i for i in items if "error" in i]
@@ -179,10 +198,26 @@ class Service:
             raise RuntimeError(f"bad answer: {resp.status_code} {errors[:2]}")
         return elapsed
 
-    def batch_stats(self) -> tuple[float, float]:
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
-        total = lambda name: sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name))  # noqa
-        return total("ray_mmdet_ls_model_batch_size_sum"), total("ray_mmdet_ls_model_batch_size_count")
+    def ready_line(self) -> str | None:
+        self.log.flush()
+        lines = [line for line in Path(self.log.name).read_text(errors="replace").splitlines()
+                 if "Detector ready" in line]
+        return lines[-1].split(" -- ", 1)[-1] if lines else None
+
+    def rss_mib(self) -> float:
+        """RSS summed over the service's processes (shared pages count in each)."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getsid(int(pid)) != self.proc.pid:
+                    continue
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                continue
+        return total / 2**20
 
 
 def percentiles(values: list[float]) -> dict:
@@ -191,52 +226,91 @@ def percentiles(values: list[float]) -> dict:
     return {"p50_ms": 1000 * pick(0.5), "p95_ms": 1000 * pick(0.95), "p99_ms": 1000 * pick(0.99)}
 
 
-def mean_batch(svc: Service, before: tuple[float, float]) -> float | None:
-    time.sleep(3)  # Ray exports metrics every few seconds
-    s, c = svc.batch_stats()
-    return (s - before[0]) / (c - before[1]) if c > before[1] else None
+class Sampler:
+    """While a measurement runs: /health latency and the service's RSS."""
+
+    def __init__(self, svc: Service, interval_s: float = 0.5):
+        self.svc, self.interval_s = svc, interval_s
+        self.health_s, self.rss = [], []
+        self._stop = threading.Event()
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            start = time.perf_counter()
+            try:
+                requests.get(f"{self.svc.url}/health", timeout=5)
+                self.health_s.append(time.perf_counter() - start)
+            except requests.RequestException:
+                self.health_s.append(float("inf"))
+            self.rss.append(self.svc.rss_mib())
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
-def sweep(svc: Service, urls: list[str], shapes: list[int], concurrencies: list[int], sec_per_image: float,
-          budget_s: float) -> dict:
-    out = {"predict_n": [], "concurrency": []}
-    svc.predict(urls[:2])  # warm-up
-    for n in shapes:
-        if n * sec_per_image > budget_s:
-            out["predict_n"].append({"n": n, "skipped": f"over the {budget_s:.0f} s budget"})
-            continue
-        before = svc.batch_stats()
-        elapsed = svc.predict([urls[i % len(urls)] for i in range(n)])
-        out["predict_n"].append({"n": n, "seconds": elapsed, "images_per_s": n / elapsed,
-                                 "mean_batch": mean_batch(svc, before)})
-    for c in concurrencies:
-        total = max(2 * c, min(64, int(budget_s / max(sec_per_image, 1e-3))))
-        if total * sec_per_image > 2 * budget_s:
-            out["concurrency"].append({"c": c, "skipped": "over budget"})
-            continue
-        before = svc.batch_stats()
-        latencies = []
+def shapes(svc: Service, sources: dict[str, list[str]], n_tasks: int, calls_n: int, concurrency: int) -> dict:
+    """Both Label Studio traffic shapes, per image source."""
+    out = {}
+    svc.predict(next(iter(sources.values()))[:2])  # warm-up
+    for source, urls in sources.items():
+        batch = [urls[i % len(urls)] for i in range(n_tasks)]
+        with Sampler(svc) as sampler:
+            elapsed = svc.predict(batch)
+        point = {"predict_n": {"n": n_tasks, "seconds": elapsed, "images_per_s": n_tasks / elapsed,
+                               "health_max_ms": 1000 * max(sampler.health_s, default=0.0),
+                               "rss_mib_max": max(sampler.rss, default=None)}}
+        sessions = [requests.Session() for _ in range(concurrency)]
         start = time.perf_counter()
-        with ThreadPoolExecutor(c) as pool:
-            latencies = list(pool.map(lambda i: svc.predict([urls[i % len(urls)]]), range(total)))
+        with Sampler(svc) as sampler, ThreadPoolExecutor(concurrency) as pool:
+            latencies = list(pool.map(lambda i, u=urls, s=sessions: svc.predict([u[i % len(u)]], s[i % concurrency]),
+                                      range(calls_n)))
         elapsed = time.perf_counter() - start
-        out["concurrency"].append({"c": c, "requests": total, "images_per_s": total / elapsed,
-                                   **percentiles(latencies), "mean_batch": mean_batch(svc, before)})
+        point["one_task_calls"] = {"c": concurrency, "calls": calls_n, "images_per_s": calls_n / elapsed,
+                                   **percentiles(latencies), "health_max_ms": 1000 * max(sampler.health_s, default=0.0),
+                                   "rss_mib_max": max(sampler.rss, default=None)}
+        out[source] = point
+        print(f"    {source}: N={n_tasks} {point['predict_n']['images_per_s']:.3f} img/s, "
+              f"C={concurrency} {point['one_task_calls']['images_per_s']:.3f} img/s", flush=True)
     return out
 
 
-def noop_overhead(tmp: Path, image_dir: Path, server: ImageServer, device: str, requests_n: int) -> dict:
-    args = {"config_file": RTMDET_TINY, "checkpoint_file": str(tmp / "noop.pth"), "image_dir": str(image_dir),
-            "allowed_hosts": ["127.0.0.1"]}
-    (tmp / "noop.pth").write_bytes(b"not loaded")
-    with Service(tmp, args, device, 1, 4, noop=True) as svc:
-        url = f"{server.url}/tiny.png"
-        for _ in range(10):
-            svc.predict([url])
-        latencies = [svc.predict([url]) for _ in range(requests_n)]
-    return percentiles(latencies)
+def noop_ceiling(tmp: Path, upload_dir: Path, names: list[str], quick: bool) -> dict:
+    (tmp / "noop.pth").write_bytes(b"never loaded")
+    env = {"CONFIG_FILE": RTMDET_TINY, "CHECKPOINT_FILE": str(tmp / "noop.pth"), "IMAGE_DIR": str(upload_dir)}
+    uploads = [f"/data/upload/{UPLOAD_SUBDIR}/{n}" for n in names]
+    paths = [str(upload_dir / UPLOAD_SUBDIR / n) for n in names]
+    n_predict, calls = 256, (200 if quick else 600)
+    with Service(tmp, env, noop=True) as svc:
+        idle_rss = svc.rss_mib()
+        svc.predict(uploads * 4)
+        predict_s = []
+        for _ in range(3):
+            predict_s.append(svc.predict([uploads[i % len(uploads)] for i in range(n_predict)]))
+        sessions = [requests.Session() for _ in range(16)]
+        list(ThreadPoolExecutor(16).map(lambda i: svc.predict([uploads[i % len(uploads)]], sessions[i % 16]),
+                                        range(64)))
+        start = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            latencies = list(pool.map(lambda i: svc.predict([uploads[i % len(uploads)]], sessions[i % 16]),
+                                      range(calls)))
+        c16 = calls / (time.perf_counter() - start)
+    decode = decode_rate_one_core(paths)
+    best_predict = n_predict / min(predict_s)
+    return {"decode_one_core_images_per_s": decode,
+            "predict_256": {"images_per_s": best_predict, "runs_s": predict_s,
+                            "ratio_to_decode": best_predict / decode},
+            "one_task_c16": {"requests_per_s": c16, "calls": calls, **percentiles(latencies),
+                             "ratio_to_decode": c16 / decode},
+            "idle_rss_mib": idle_rss}
 
 
+# ---------------------------------------------------------------- results
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -244,120 +318,125 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(results["models"])
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
-    for row, name in enumerate(models):
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], models, strict=True):
         m = results["models"][name]
-        floor = m["raw_floor"]["best"]["images_per_s"]
-        for col, (key, xkey, label) in enumerate([("predict_n", "n", "tasks per /predict (N)"),
-                                                  ("concurrency", "c", "concurrent one-task requests")]):
-            ax = axes[row][col]
-            for latency, style in (("0ms", "o-"), ("100ms", "s--")):
-                pts = [p for p in m["served"].get(latency, {}).get(key, []) if "images_per_s" in p]
-                if pts:
-                    ax.plot([p[xkey] for p in pts], [p["images_per_s"] for p in pts], style, label=f"served, {latency}")
-            ax.axhline(floor, color="k", lw=1, label="raw floor")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel(label)
-            ax.set_ylabel("images/s")
-            ax.set_title(f"{name} ({results['device']})")
-            ax.legend()
+        labels, values = [], []
+        for accel, run in m["served"].items():
+            for source, point in run["shapes"].items():
+                for shape, key in (("N", "predict_n"), ("C", "one_task_calls")):
+                    labels.append(f"{accel}\n{source}\n{shape}")
+                    values.append(point[key]["images_per_s"] / m["raw_floor"]["eager"]["images_per_s"])
+        ax.bar(range(len(values)), values)
+        ax.axhline(1.0, color="k", lw=1)
+        ax.axhline(0.95, color="r", lw=0.8, ls="--")
+        ax.set_xticks(range(len(values)), labels, fontsize=6)
+        ax.set_ylabel("served / eager raw floor")
+        ax.set_title(name)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def summary(results: dict) -> list[str]:
+    lines = [f"== {results['provenance']['machine']['cpus_usable']} cores; served / eager raw floor =="]
+    for name, m in results["models"].items():
+        floor = m["raw_floor"]["eager"]["images_per_s"]
+        lines.append(f"{name}: raw floor eager {floor:.3f} img/s, accelerated "
+                     f"{m['raw_floor']['auto']['images_per_s']:.3f} ({m['raw_floor']['auto']['acceleration']})")
+        for accel, run in m["served"].items():
+            for source, point in run["shapes"].items():
+                n, c = point["predict_n"], point["one_task_calls"]
+                lines.append(f"  {accel:<6} {source:<10} N={n['n']}: {n['images_per_s'] / floor:.2f}x  "
+                             f"C={c['c']}: {c['images_per_s'] / floor:.2f}x  (health max "
+                             f"{max(n['health_max_ms'], c['health_max_ms']):.0f} ms)")
+    ceiling = results.get("noop_ceiling")
+    if ceiling:
+        lines.append(f"no-op ceiling: decode {ceiling['decode_one_core_images_per_s']:.0f} img/s on one core; "
+                     f"/predict of 256 {ceiling['predict_256']['images_per_s']:.0f} img/s "
+                     f"({ceiling['predict_256']['ratio_to_decode']:.2f}x); one-task C=16 "
+                     f"{ceiling['one_task_c16']['requests_per_s']:.0f} req/s "
+                     f"({ceiling['one_task_c16']['ratio_to_decode']:.2f}x)")
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw-floor", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config"), p.add_argument("--checkpoint"), p.add_argument("--images", nargs="*")
-    p.add_argument("--batch-sizes", default="1,2,4,8")
-    p.add_argument("--models", default="rtmdet-tiny,faster-rcnn", help="comma list, or none (no-op overhead only)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--quick", action="store_true", help="fewer points, for a smoke run")
-    p.add_argument("--budget-s", type=float, default=90.0, help="max seconds per measurement point")
+    p.add_argument("--count", type=int, default=16)
+    p.add_argument("--acceleration", default="eager", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--models", default="rtmdet-tiny,faster-rcnn", help="comma list, or none (no-op ceiling only)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="raw floor torch threads (default: this machine's cores, as the shipped Detector)")
+    p.add_argument("--tasks", type=int, default=24, help="tasks in the one-/predict shape (Label Studio: 24-32)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="fewer images, for a smoke run")
+    p.add_argument("--no-noop", action="store_true", help="skip the no-op ceiling")
+    p.add_argument("--thread-rule", action="store_true",
+                   help="also serve eager with the Detector reserving one core less (the thread rule's evidence)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     opts = p.parse_args()
     if opts.raw_floor:
         return raw_floor_main(opts)
 
-    gpu = opts.device.startswith("cuda")
-    shapes = [1, 8, 32] if opts.quick else [1, 8, 32, 128]
-    concurrencies = [1, 4, 8] if opts.quick else [1, 2, 4, 8, 16]
-    batch_sizes = "1,4,8,16,32" if gpu else "1,2,4"
     tmp = Path(tempfile.mkdtemp(prefix="serving-bench-"))
-    results = {"device": opts.device, "threads": opts.threads, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "models": {}}
+    config = {k: v for k, v in vars(opts).items() if k not in ("raw_floor", "config", "checkpoint", "images")}
+    results = {"provenance": provenance({**config, "serve_config": "serve_config.yaml"}),
+               "serve_config_yaml": (ROOT / "serve_config.yaml").read_text(), "models": {}}
     try:
-        image_dir = tmp / "images"
-        names = make_images(image_dir)
-        paths = [str(image_dir / n) for n in names]
-        with ImageServer(image_dir) as fast, ImageServer(image_dir, latency_s=0.1) as slow:
+        upload_dir = tmp / "uploads"
+        names = make_images(upload_dir / UPLOAD_SUBDIR)
+        paths = [str(upload_dir / UPLOAD_SUBDIR / n) for n in names]
+        with ImageServer(upload_dir / UPLOAD_SUBDIR) as fast, \
+                ImageServer(upload_dir / UPLOAD_SUBDIR, latency_s=0.1) as slow:
+            sources = {"http_0ms": [f"{fast.url}/{n}" for n in names],
+                       "http_100ms": [f"{slow.url}/{n}" for n in names],
+                       "image_dir": [f"/data/upload/{UPLOAD_SUBDIR}/{n}" for n in names]}
             for name in [m for m in opts.models.split(",") if m and m != "none"]:
-                config = MODELS[name]
-                if name == "toy":
-                    checkpoint = str(TOY_CHECKPOINT)
-                else:
-                    checkpoint = str(save_random_checkpoint(config, tmp / f"{name}.pth"))
+                model = MODELS[name]
+                checkpoint = str(save_random_checkpoint(model, tmp / f"{name}.pth"))
+                count = 8 if opts.quick else opts.tasks
                 print(f"[{name}] raw floor ...", flush=True)
-                floor = measure_raw_floor(config, checkpoint, paths, opts.device, opts.threads, batch_sizes)
-                sec_per_image = 1.0 / floor["best"]["images_per_s"]
-                max_batch = floor["best"]["batch"] if gpu else 4
-                args = {"config_file": config, "checkpoint_file": checkpoint, "device": opts.device,
-                        "image_dir": str(tmp / "uploads"), "allowed_hosts": ["127.0.0.1"],
-                        "torch_threads": opts.threads}
+                floor = {mode: measure_raw_floor(model, checkpoint, paths, opts.threads, count, mode)
+                         for mode in ("eager", "auto")}
                 served = {}
-                with Service(tmp, args, opts.device, opts.threads, max(max_batch, 4)) as svc:
-                    for latency, server in (("0ms", fast), ("100ms", slow)):
-                        print(f"[{name}] served sweep, {latency} image latency ...", flush=True)
-                        urls = [f"{server.url}/{n}" for n in names]
-                        conc = concurrencies if latency == "0ms" else [c for c in concurrencies if c >= 4]
-                        served[latency] = sweep(svc, urls, shapes if latency == "0ms" else shapes[1:], conc,
-                                                sec_per_image, opts.budget_s)
-                results["models"][name] = {"config": config, "raw_floor": floor, "served": served}
-            print("[noop] serving overhead ...", flush=True)
-            results["noop_overhead"] = noop_overhead(tmp, image_dir, fast, opts.device, 100 if opts.quick else 300)
+                for accel in ("eager", "auto"):
+                    print(f"[{name}] served, acceleration {accel} ...", flush=True)
+                    env = {"CONFIG_FILE": model, "CHECKPOINT_FILE": checkpoint, "IMAGE_DIR": str(upload_dir)}
+                    args = {"allowed_hosts": ["127.0.0.1"], "model_acceleration": accel}
+                    with Service(tmp, env, args) as svc:
+                        idle = svc.rss_mib()
+                        n_tasks = 8 if opts.quick else opts.tasks
+                        run = {"ready": svc.ready_line(), "idle_rss_mib": idle,
+                               "shapes": shapes(svc, sources, n_tasks, n_tasks, opts.concurrency)}
+                    served[accel] = run
+                if opts.thread_rule and opts.threads > 1:
+                    # Rule check: the Detector on every core (the shipped default) vs one core left to the rest.
+                    print(f"[{name}] served eager, Detector reserving {opts.threads - 1} CPUs ...", flush=True)
+                    with Service(tmp, env, {**args, "model_acceleration": "eager"},
+                                 detector_cpus=opts.threads - 1) as svc:
+                        served["eager_cores_minus_1"] = {
+                            "ready": svc.ready_line(), "idle_rss_mib": svc.rss_mib(),
+                            "shapes": shapes(svc, {"http_0ms": sources["http_0ms"]}, n_tasks, n_tasks,
+                                             opts.concurrency)}
+                results["models"][name] = {"config": model, "raw_floor": floor, "served": served}
+            if not opts.no_noop:
+                print("[noop] graph ceiling ...", flush=True)
+                results["noop_ceiling"] = noop_ceiling(tmp, upload_dir, names, opts.quick)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    results["summary"] = summary(results)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"{stamp}-{opts.device}.json").write_text(json.dumps(results, indent=2))
-    if results["models"]:
-        plot(results, out / f"{stamp}-{opts.device}.png")
-    print_table(results)
-    print(f"\nwrote {out / f'{stamp}-{opts.device}.json'} and .png")
-
-
-def print_table(results: dict) -> None:
-    print(f"\n== serving efficiency, {results['device']}, {results['threads']} threads ==")
-    print(f"{'model':<12} {'shape':<22} {'img/s':>8} {'served/raw':>10} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6}")
-    for name, m in results["models"].items():
-        floor = m["raw_floor"]["best"]
-        label = f"raw floor (b={floor['batch']}{', stacked' if floor['stacked'] else ''})"
-        print(f"{name:<12} {label:<22} "
-              f"{floor['images_per_s']:8.2f} {1.0:10.2f}")
-        zero = m["served"]["0ms"]
-        for latency, res in m["served"].items():
-            for point in res["predict_n"] + res["concurrency"]:
-                if "images_per_s" not in point:
-                    continue
-                shape = f"N={point['n']}" if "n" in point else f"C={point['c']}"
-                ratio = point["images_per_s"] / floor["images_per_s"]
-                extra = ""
-                if latency == "100ms":
-                    same = next((q for q in zero["predict_n"] + zero["concurrency"]
-                                 if q.get("n", q.get("c")) == point.get("n", point.get("c"))
-                                 and ("n" in q) == ("n" in point) and "images_per_s" in q), None)
-                    if same:
-                        extra = f"  ({point['images_per_s'] / same['images_per_s']:.2f}x of 0 ms)"
-                mb = point.get("mean_batch")
-                print(f"{name:<12} {shape + ' ' + latency:<22} {point['images_per_s']:8.2f} {ratio:10.2f} "
-                      f"{point.get('p50_ms', float('nan')):8.0f} {point.get('p99_ms', float('nan')):8.0f} "
-                      f"{(mb or float('nan')):6.2f}{extra}")
-    o = results.get("noop_overhead", {})
-    if o:
-        print(f"no-op model, one-task request: p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms")
+    path = out / f"serving-{stamp()}-cpu.json"
+    path.write_text(json.dumps(results, indent=2))
+    plot(results, path.with_suffix(".png"))
+    print("\n".join(results["summary"]))
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
 
@@ -14,6 +15,7 @@ from mmdet_ls.regions import Detections
 from mmdet_ls.settings import SettingError, check_user_config
 
 from . import metrics
+from .dispatch import MAX_IMAGES_PER_CALL
 
 logger = logging.getLogger("ray.serve")
 
@@ -27,15 +29,24 @@ BATCH_DEFAULTS = {"cpu": {"max_batch_size": 4, "batch_wait_timeout_s": 0.0},
                   "cuda": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}}
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def replica_cpu_count() -> int:
-    """Whole CPUs Ray reserved for this replica (at least 1)."""
+    """Torch threads for this replica: the CPUs Ray reserved for it, rounded
+    to whole CPUs (at least 1), never more than the cores it may run on."""
     try:
         import ray
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     except Exception:
         cpus = 1
-    return max(1, int(cpus))
+    return max(1, min(round(cpus), usable_cores()))
 
 
 def limit_threads(threads: int) -> None:
@@ -48,7 +59,15 @@ def limit_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+def model_thread(threads: int) -> ThreadPoolExecutor:
+    """The one thread the model runs in. OpenMP's thread count is a per-thread
+    setting (a thread started later gets OMP_NUM_THREADS, which Ray sets from
+    the reservation at worker start), so it is set in that thread itself."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=limit_threads,
+                              initargs=(threads,))
+
+
+@serve.deployment(max_ongoing_requests=16)  # CPUs: serve_app.build_app
 class Detector:
     def __init__(
         self,
@@ -59,12 +78,14 @@ class Detector:
         torch_threads: int | None = None,
         stack_batches: bool | None = None,
         checkpoint_sha256: str | None = None,
+        acceleration: str = "eager",
     ):
         from mmdet_ls.inference import BatchDetector
         from mmdet_ls.model_files import resolve_checkpoint_file, resolve_config_file
 
         self.threads = torch_threads or replica_cpu_count()
         limit_threads(self.threads)
+        self._model_thread = model_thread(self.threads)
         started = time.perf_counter()
         self.loaded_at = time.time()
         self.runner = BatchDetector(
@@ -72,14 +93,17 @@ class Detector:
             resolve_checkpoint_file(checkpoint_file, checkpoint_sha256=checkpoint_sha256),
             device,
             allow_cpu_fallback,
+            acceleration,
         )
         self.reconfigure(None)  # the per-device defaults until a user_config says otherwise
         # One model call per batch pays off on a GPU; on a CPU images run one by
         # one inside the batch (a stacked CPU batch measured slower per image).
         self.stack_batches = self.runner.device != "cpu" if stack_batches is None else stack_batches
+        accel = self.runner.acceleration_report
         logger.info(
-            "Detector ready on %s (%d threads, stacked batches: %s, classes: %d) in %.1f s",
+            "Detector ready on %s (%d threads, stacked batches: %s, classes: %d, acceleration: %s) in %.1f s",
             self.runner.device, self.threads, self.stack_batches, len(self.runner.class_names),
+            f"{accel['mode']}: {accel['reason']}" if accel.get("reason") else accel["mode"],
             time.perf_counter() - started,
         )
 
@@ -92,11 +116,10 @@ class Detector:
             raise SettingError(f"Detector user_config: max_batch_size must be 1-512 and batch_wait_timeout_s "
                                f"0-10 s, got {max_batch_size} and {wait_s}")
         ongoing = self._max_ongoing_requests()
-        if ongoing is not None and max_batch_size > ongoing:
-            raise SettingError(f"Detector user_config: max_batch_size {max_batch_size} is above the Detector's "
-                               f"max_ongoing_requests {ongoing}, so batches could never fill; raise "
-                               "max_ongoing_requests in the serve config (2 x max_batch_size lets the next batch "
-                               "fill while one runs)")
+        if ongoing is not None and max_batch_size > ongoing * MAX_IMAGES_PER_CALL:
+            raise SettingError(f"Detector user_config: max_batch_size {max_batch_size} is above what the Detector's "
+                               f"max_ongoing_requests {ongoing} calls of up to {MAX_IMAGES_PER_CALL} images can "
+                               "hold, so batches could never fill; raise max_ongoing_requests in the serve config")
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, wait_s
         self.detect_batch.set_max_batch_size(max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(wait_s)
@@ -118,9 +141,18 @@ class Detector:
             "stack_batches": self.stack_batches,
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "acceleration": self.runner.acceleration_report,
+            "compile_count": self.runner.compile_count(),
         }
 
-    async def detect(self, image: DecodedImage | TaskFailure) -> Detections | TaskFailure:
+    async def detect_group(self, images: list[DecodedImage | TaskFailure]) -> list[Detections | TaskFailure]:
+        """Several images per call (fewer hops per image); each still goes
+        through the batch queue on its own, and fails on its own."""
+        results = await asyncio.gather(*(self._detect_one(image) for image in images), return_exceptions=True)
+        return [r if not isinstance(r, BaseException) else
+                TaskFailure("model_error", f"model failed on this image: {type(r).__name__}") for r in results]
+
+    async def _detect_one(self, image: DecodedImage | TaskFailure) -> Detections | TaskFailure:
         if isinstance(image, TaskFailure):
             return image  # failed upstream: pass it on, never into a batch
         queued = time.perf_counter()
@@ -134,6 +166,7 @@ class Detector:
                  batch_wait_timeout_s=BATCH_DEFAULTS["cpu"]["batch_wait_timeout_s"])
     async def detect_batch(self, images: list[DecodedImage]) -> list[Detections | TaskFailure]:
         metrics.batch_size_histogram().observe(len(images))
-        # The model runs in a thread so the replica keeps accepting requests
-        # and the next batch fills while this one computes.
-        return await asyncio.to_thread(self.runner.detect, [i.bgr for i in images], self.stack_batches)
+        # The model runs in its own thread so the replica keeps accepting
+        # requests and the next batch fills while this one computes.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model_thread, self.runner.detect, [i.bgr for i in images], self.stack_batches)

@@ -20,14 +20,14 @@ from mmdet_ls.failures import TaskFailure
 from mmdet_ls.label_config import LabelConfigError
 from mmdet_ls.projects import Projects, cached_label_config, project_key
 from mmdet_ls.regions import ImageResult
-from mmdet_ls.tasks import ImageJob, plan_jobs
+from mmdet_ls.tasks import ImageJob, image_source, plan_jobs
 
 from . import metrics
 from .auth import AuthRequired, BasicAuth, answer_auth_required
+from .dispatch import GroupDispatcher
 from .health import DetectorHealth
 from .http_io import SafeJSONResponse, error_response, plan_overflow, read_json_body, render_predict_answer_off_loop
 from .image_loader import ImageRequest
-from .ray_errors import call_with_retry, classify_exception
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,7 +59,7 @@ MAX_INFLIGHT_IMAGES = 64
 # Requests wait cheaply here (bounded by max_inflight_images); a low limit
 # would queue /health behind /predict calls past Label Studio's 1 s.
 @serve.deployment(
-    ray_actor_options={"num_cpus": 0.25},
+    ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=256,
     max_queued_requests=INGRESS_MAX_QUEUED_REQUESTS,
     backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
@@ -99,7 +99,7 @@ class LabelStudioIngress:
         # tags multiplies the work per task. Default: one per allowed task.
         self.max_images_per_request = max_images_per_request or max_tasks_per_request
         self.body_timeout_s = body_timeout_s
-        self._inflight = asyncio.Semaphore(max_inflight_images)
+        self.dispatcher = GroupDispatcher(self._send_group, max_inflight_images)
         self.projects = Projects()
         self.detector_health = DetectorHealth()
 
@@ -171,20 +171,14 @@ class LabelStudioIngress:
 
     async def _run_job(self, job: ImageJob, access, deadline: float) -> ImageResult | TaskFailure:
         """One image through the graph; every error becomes this task's failure."""
-        try:
-            await asyncio.wait_for(self._inflight.acquire(), timeout=max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            return classify_exception(asyncio.TimeoutError())
+        request = ImageRequest(job.task_id, job.value, access)
+        return await self.dispatcher.submit((request, job.targets), image_source(job.value), job.task_id, deadline)
 
-        def start() -> list:
-            loaded = self.loader.load.remote(ImageRequest(job.task_id, job.value, access))
-            detected = self.detector.detect.remote(loaded)
-            return [loaded, detected, self.postprocess.to_regions.remote(detected, job.targets)]
-
-        try:
-            return await call_with_retry(start, deadline, job.task_id)
-        finally:
-            self._inflight.release()
+    def _send_group(self, items: list) -> list:
+        """One call per deployment for a group of (ImageRequest, targets)."""
+        loaded = self.loader.load_group.remote([request for request, _ in items])
+        detected = self.detector.detect_group.remote(loaded)
+        return [loaded, detected, self.postprocess.to_regions_group.remote(detected, [t for _, t in items])]
 
     @app.post("/webhook", dependencies=AUTH)
     async def webhook(self, request: Request):

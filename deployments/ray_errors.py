@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 
 from mmdet_ls.failures import TaskFailure
-from mmdet_ls.log_text import short_id
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,10 +67,11 @@ def _cancel_all(responses: list) -> None:
             pass
 
 
-async def call_with_retry(start: Callable[[], list], deadline: float, task_id):
+async def call_with_retry(start: Callable[[], list], deadline: float, label: str):
     """The result of the last of the calls `start()` makes (a chain of
     DeploymentResponses), or a TaskFailure. A chain broken by a dying replica
-    is started again once, on a healthy one, while time is left."""
+    is started again once, on a healthy one, while time is left. `label`
+    names the tasks in log lines ("task <label>: ...")."""
     for attempt in range(2):
         responses = []
         try:
@@ -81,9 +81,9 @@ async def call_with_retry(start: Callable[[], list], deadline: float, task_id):
             _cancel_all(responses)
             failure = classify_exception(exc)
             if failure.reason in ("replica_failed", "internal_error"):
-                logger.warning("task %s: %s", short_id(task_id), type(exc).__name__, exc_info=exc)
+                logger.warning("task %s: %s", label, type(exc).__name__, exc_info=exc)
             if (failure.reason == "replica_failed" and attempt == 0
                     and deadline - time.monotonic() > RETRY_MIN_SECONDS_LEFT):
-                logger.warning("task %s: %s, retrying", short_id(task_id), type(exc).__name__)
+                logger.warning("task %s: %s, retrying", label, type(exc).__name__)
                 continue
             return failure

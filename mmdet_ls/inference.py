@@ -14,6 +14,13 @@ from .regions import Detections
 logger = logging.getLogger(__name__)
 
 
+def warmup_images() -> list[np.ndarray]:
+    """Inputs of three aspect ratios (keep-ratio resizes give each its own
+    shape), fixed noise so every start measures the same work."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((480, 640), (640, 480), (720, 1280))]
+
+
 class BatchDetector:
     """An MMDetection model plus its test pipeline.
 
@@ -23,7 +30,8 @@ class BatchDetector:
     image's original size.
     """
 
-    def __init__(self, config_file: str, checkpoint_file: str, device: str = "cpu", allow_cpu_fallback: bool = False):
+    def __init__(self, config_file: str, checkpoint_file: str, device: str = "cpu", allow_cpu_fallback: bool = False,
+                 acceleration: str = "eager"):
         import torch
         from mmcv.transforms import Compose
         from mmdet.apis import init_detector
@@ -52,6 +60,23 @@ class BatchDetector:
         pipeline_cfg = get_test_pipeline_cfg(self.model.cfg.copy())
         pipeline_cfg[0].type = "mmdet.LoadImageFromNDArray"
         self.pipeline = Compose(pipeline_cfg)
+        self.acceleration_report = self._accelerate(acceleration)
+
+    def _accelerate(self, mode: str) -> dict:
+        """channels_last / torch.compile of backbone + neck (mmdet_ls.acceleration),
+        compiled and measured here, before the caller reports ready."""
+        if mode == "eager":
+            return {"mode": "eager", "requested": "eager", "reason": "eager asked for"}
+        from .acceleration import accelerate
+
+        images = warmup_images()
+        report = accelerate(self.model, mode, warmup=lambda: self.detect(images, stacked=False), images=len(images))
+        return report.as_dict()
+
+    def compile_count(self) -> int:
+        from .acceleration import compile_count
+
+        return compile_count(self.model)
 
     def _prepare(self, bgr: np.ndarray, index: int) -> dict:
         return self.pipeline(dict(img=bgr, img_id=index))

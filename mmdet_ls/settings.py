@@ -31,6 +31,7 @@ ENV_FALLBACKS = {
     "image_dir": ("IMAGE_DIR",),
     "basic_auth_user": ("BASIC_AUTH_USER",),
     "log_level": ("LOG_LEVEL",),
+    "model_acceleration": ("MODEL_ACCELERATION",),
 }
 LIVE_ENV_FALLBACKS = {"score_threshold": "SCORE_THRESHOLD"}
 SECRET_ENV = {"label_studio_api_key": "LABEL_STUDIO_API_KEY", "basic_auth_pass": "BASIC_AUTH_PASS"}

@@ -32,6 +32,18 @@ class ImageJob:
     targets: tuple[RectangleTarget, ...]
 
 
+def image_source(value: str) -> str:
+    """Which server an image comes from, for grouping images that share a fate
+    (not a security decision: the loader parses and checks every URL itself):
+    scheme://host[:port] of a URL, "inline" for data: URIs, else "relative"
+    (a Label Studio path, served from image_dir or Label Studio)."""
+    head = value[:2048].strip()
+    scheme, sep, rest = head.partition("://")
+    if sep and scheme.isascii() and scheme.isalnum():
+        return f"{scheme.lower()}://{rest.split('/', 1)[0].split('?', 1)[0].split('#', 1)[0].lower()}"
+    return "inline" if head[:5].lower() == "data:" else "relative"
+
+
 def plan_jobs(tasks: list, config: ParsedLabelConfig) -> tuple[list[ImageJob], dict[int, TaskFailure]]:
     """Jobs to run, and failures for tasks that are malformed on their own."""
     jobs: list[ImageJob] = []

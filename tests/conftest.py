@@ -28,6 +28,10 @@ KINDS = ("unit", "service", "cluster", "e2e")
 # Processes tests start (Ray workers and replicas, `serve run`) import
 # `serve_app`, `deployments` and `mmdet_ls` from the checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+# Services tests start run the model eager: compiling at each start would cost
+# CI minutes. The tests of acceleration, and the shipped config's default,
+# set or clear it themselves.
+os.environ.setdefault("MODEL_ACCELERATION", "eager")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker

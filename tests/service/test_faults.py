@@ -126,7 +126,7 @@ def test_model_error_on_one_image_fails_only_that_image():
 #    after the kill (its own log), so the failure really reached a call.
 HOLD_S = 2.0
 CALLS, TASKS_PER_CALL = 4, 6
-RETRY_LINE = re.compile(r"task (\d+): (\w+), retrying")
+RETRY_LINE = re.compile(r"task (\d+)(?: and \d+ more)?: (\w+), retrying")
 KILLED_REPLICA_SEEN_AS = {
     "Detector": {"RayServeException"},
     "ImageLoader": {"RayServeException"},
@@ -196,7 +196,7 @@ def hold_postprocess_calls(actor, hold_s: float) -> None:
         import time as _time
 
         # The globals of Postprocess.to_regions, wherever Ray loaded the class from.
-        scope = type(replica._replica_impl._user_callable_wrapper._callable).to_regions.__globals__
+        scope = type(replica._replica_impl._user_callable_wrapper._callable).to_regions_group.__globals__
         real, entered = scope["image_result"], []
 
         def held(*args, **kwargs):
@@ -214,7 +214,7 @@ def postprocess_calls_entered(actor) -> list[float]:
     import ray
 
     def entered(replica):
-        return list(type(replica._replica_impl._user_callable_wrapper._callable).to_regions.__globals__[
+        return list(type(replica._replica_impl._user_callable_wrapper._callable).to_regions_group.__globals__[
             "fault_test_entered"])
 
     return ray.get(actor.__ray_call__.remote(entered), timeout=5)

@@ -27,6 +27,7 @@ from ray.serve.schema import (
     ServeDeploySchema,
 )
 
+from deployments.dispatch import IMAGES_PER_BUSY_GROUP, MAX_IMAGES_PER_CALL
 from serve_app import AppArgs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,16 +125,19 @@ def test_cluster_config_declares_gpu_autoscaling_and_backpressure(cluster_config
     assert 0 < gpus <= 1 and float(1 / gpus).is_integer(), "whole GPUs, or a fraction that packs evenly"
     batch = detector["user_config"]["max_batch_size"]
     scaling = detector["autoscaling_config"]
-    # The numbers the YAML comments derive from the batch size B.
-    assert detector["max_ongoing_requests"] == 2 * batch >= batch
-    assert scaling["target_ongoing_requests"] == batch
+    # The numbers the YAML comments derive from the batch size B, in calls of
+    # IMAGES_PER_BUSY_GROUP images on average (deployments/dispatch.py).
+    per_call = IMAGES_PER_BUSY_GROUP
+    assert detector["max_ongoing_requests"] * per_call == 2 * batch
+    assert detector["max_ongoing_requests"] * MAX_IMAGES_PER_CALL >= batch
+    assert scaling["target_ongoing_requests"] * per_call == batch
     assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
-    assert args["max_inflight_images"] >= scaling["max_replicas"] * detector["max_ongoing_requests"]
+    assert args["max_inflight_images"] >= scaling["max_replicas"] * detector["max_ongoing_requests"] * per_call
     assert detector["max_surge_percent"] > 0, "a model rollout must start new replicas before old ones stop"
 
     loader = deps["ImageLoader"]
     assert loader["max_replicas_per_node"] >= 1
-    assert loader["autoscaling_config"]["target_ongoing_requests"] == 2 * batch
+    assert loader["autoscaling_config"]["target_ongoing_requests"] * per_call == 2 * batch
     assert loader["max_ongoing_requests"] >= loader["autoscaling_config"]["target_ongoing_requests"]
     assert loader["autoscaling_config"]["min_replicas"] >= 2, "loaders on more than one node"
 

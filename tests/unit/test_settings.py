@@ -128,4 +128,7 @@ def test_shipped_configs_leave_the_environment_settings_unset(name):
     for deployment in app["deployments"]:
         check_user_config(deployment["name"], deployment.get("user_config"))
         if deployment["name"] == "Detector" and deployment.get("user_config"):
-            assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
+            # The Detector's own start-up check: calls of up to MAX_IMAGES_PER_CALL images must hold a batch.
+            from deployments.dispatch import MAX_IMAGES_PER_CALL
+
+            assert deployment["max_ongoing_requests"] * MAX_IMAGES_PER_CALL >= deployment["user_config"]["max_batch_size"]

@@ -1,0 +1,150 @@
+"""Image jobs travel through the graph several per call.
+
+A handle call costs about as much CPU as decoding a small image, and each
+image makes three (loader, detector, postprocess). The ingress therefore
+queues the images of all its requests and sends what is queued as groups:
+one call per deployment per group. Nothing waits for company: a lone image
+leaves at once; groups form from what queued while earlier groups were in
+flight (a /predict with many tasks, many annotators at once). Each image
+still succeeds or fails on its own, and answers by its own deadline.
+
+A group answers when its slowest image is done, so a group holds images of
+one source only (one image server, or image_dir): a slow or stalling server
+delays its own images, not those of others. Deployment autoscaling counts
+calls, so a Detector's ongoing requests are groups (1 to 16 images).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mmdet_ls.failures import TaskFailure
+from mmdet_ls.log_text import short_id
+
+from .ray_errors import call_with_retry, classify_exception
+
+logger = logging.getLogger("ray.serve")
+
+# Images per call between deployments. A group answers when its last image
+# is done, so on a CPU (images run one after another) a group's images wait
+# for each other: groups are split evenly over the free slots, and capped.
+MAX_IMAGES_PER_CALL = 16
+# A queue is split into max_inflight_images / this groups, so with a long
+# queue a group holds this many images on average (the unit the cluster
+# config's autoscaling targets count in), and fewer when the queue is short.
+IMAGES_PER_BUSY_GROUP = 8
+MAX_SCAN = 256  # queued images looked at to fill one group (mixed sources)
+
+
+@dataclass
+class _Queued:
+    item: object  # what the send function gets for this image
+    source: str  # images of one source travel together
+    task_id: object
+    deadline: float
+    future: asyncio.Future = field(repr=False)
+
+
+class GroupDispatcher:
+    """`await submit(item, task_id, deadline)` -> the image's result or TaskFailure.
+
+    `send(items)` starts one chain of deployment calls for a group and
+    returns its DeploymentResponses, the last one giving a list with one
+    result per item. At most `max_inflight_images` images are in flight.
+    """
+
+    def __init__(self, send: Callable[[list], list], max_inflight_images: int,
+                 max_images_per_call: int = MAX_IMAGES_PER_CALL):
+        self._send = send
+        self._max_images = max_inflight_images
+        self._max_per_call = max(1, max_images_per_call)
+        self._groups_per_queue = max(1, math.ceil(max_inflight_images / IMAGES_PER_BUSY_GROUP))
+        self._queue: deque[_Queued] = deque()
+        self._images_in_flight = 0
+        self._pump_scheduled = False
+        self._running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    async def submit(self, item, source: str, task_id, deadline: float):
+        queued = _Queued(item, source, task_id, deadline, asyncio.get_running_loop().create_future())
+        self._queue.append(queued)
+        self._schedule_pump()
+        try:
+            # shield: this image giving up must not cancel its group-mates.
+            return await asyncio.wait_for(asyncio.shield(queued.future),
+                                          timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return classify_exception(asyncio.TimeoutError())
+
+    def _schedule_pump(self) -> None:
+        # After the other tasks ready in this loop turn have queued their
+        # images too (asyncio.gather starts a /predict's jobs in one turn).
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        now = time.monotonic()
+        # A long queue makes groups of about IMAGES_PER_BUSY_GROUP, a short one
+        # groups of one: spread over several calls, images overlap.
+        even = math.ceil(len(self._queue) / self._groups_per_queue)
+        while self._queue and self._images_in_flight < self._max_images:
+            size = min(self._max_per_call, self._max_images - self._images_in_flight, even)
+            group = self._take(size, now)
+            if group:
+                self._images_in_flight += len(group)
+                task = asyncio.ensure_future(self._run(group))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    def _take(self, size: int, now: float) -> list[_Queued]:
+        """Up to `size` queued images of the first queued image's source, in order."""
+        group: list[_Queued] = []
+        rest: deque[_Queued] = deque()
+        source = None
+        scanned = 0
+        while self._queue and len(group) < size and scanned < MAX_SCAN:
+            scanned += 1
+            queued = self._queue.popleft()
+            if queued.future.done() or queued.deadline <= now:  # gave up while queued
+                continue
+            if source is None or queued.source == source:
+                source = queued.source
+                group.append(queued)
+            else:
+                rest.append(queued)
+        self._queue.extendleft(reversed(rest))
+        return group
+
+    async def _run(self, group: list[_Queued]) -> None:
+        try:
+            label = (short_id(group[0].task_id) if len(group) == 1
+                     else f"{short_id(group[0].task_id)} and {len(group) - 1} more")
+            outcome = await call_with_retry(lambda: self._send([q.item for q in group]),
+                                            max(q.deadline for q in group), label)
+            if isinstance(outcome, TaskFailure):
+                outcomes = [outcome] * len(group)
+            elif isinstance(outcome, list) and len(outcome) == len(group):
+                outcomes = outcome
+            else:  # never expected: a deployment answered the wrong shape
+                logger.error("group of %d images got %s back", len(group), type(outcome).__name__)
+                outcomes = [TaskFailure("internal_error", "internal error while predicting this image; retry later",
+                                        retriable=True)] * len(group)
+            for queued, result in zip(group, outcomes, strict=True):
+                if not queued.future.done():
+                    queued.future.set_result(result)
+        except BaseException as exc:  # the futures must resolve whatever happens
+            failure = classify_exception(exc)
+            for queued in group:
+                if not queued.future.done():
+                    queued.future.set_result(failure)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._images_in_flight -= len(group)
+            self._schedule_pump()
