@@ -51,7 +51,7 @@ class _Queued:
 
 
 class GroupDispatcher:
-    """`await submit(item, task_id, deadline)` -> the image's result or TaskFailure.
+    """`await submit(item, source, task_id, deadline)` -> the image's result or TaskFailure.
 
     `send(items)` starts one chain of deployment calls for a group and
     returns its DeploymentResponses, the last one giving a list with one

@@ -22,7 +22,7 @@ from . import metrics
 
 logger = logging.getLogger("ray.serve")
 
-# Calls at once per replica; a call carries up to ingress.MAX_IMAGES_PER_CALL
+# Calls at once per replica; a call carries up to dispatch.MAX_IMAGES_PER_CALL
 # images, which wait for one of LOADER_THREADS threads.
 LOADER_MAX_ONGOING_REQUESTS = 64
 LOADER_THREADS = 64
