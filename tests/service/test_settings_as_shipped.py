@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,8 +140,10 @@ def test_every_setting_each_way_on_the_shipped_config(world):
     threshold, batch = WAYS["set"]
     port = free_port()
     image_dir = image_dir_with(world["tmp"], "set")
+    # model_acceleration=auto, the shipped default (the suite runs services eager): it measures and
+    # maybe compiles before the Detector reports ready.
     sets = {**common, "image_dir": str(image_dir), "score_threshold": threshold, "max_batch_size": batch,
-            "log_level": "DEBUG"}
+            "log_level": "DEBUG", "model_acceleration": "auto"}
     argv = ["serve_config.yaml", "--port", str(port)]
     for key, value in sets.items():
         argv += ["--set", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
@@ -153,14 +156,14 @@ def test_every_setting_each_way_on_the_shipped_config(world):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
-    app["args"].update(common, image_dir=str(image_dir))
+    app["args"].update(common, image_dir=str(image_dir), model_acceleration="channels_last")
     deployments = {d["name"]: d for d in app["deployments"]}
     deployments["Postprocess"]["user_config"] = {"score_threshold": threshold}
     deployments["Detector"]["user_config"] = {"max_batch_size": batch, "batch_wait_timeout_s": 0.0}
     path = world["tmp"] / "serve_config.edited.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     losing_env = {"SCORE_THRESHOLD": "0.05", "IMAGE_DIR": str(image_dir_with(world["tmp"], "env-loses")),
-                  "CONFIG_FILE": "no/such/config.py", "DEVICE": "cuda"}
+                  "CONFIG_FILE": "no/such/config.py", "DEVICE": "cuda", "MODEL_ACCELERATION": "compile"}
     outcomes["yaml"], logs["yaml"] = run_way(world, "yaml", [str(path)], losing_env, port, image_dir, threshold, batch)
 
     # 3. The environment, on the shipped file untouched.
@@ -183,3 +186,7 @@ def test_every_setting_each_way_on_the_shipped_config(world):
     # log_level / LOG_LEVEL: DEBUG shows the ingress's per-call line, WARNING hides even INFO.
     assert "predict: " in logs["set"], logs["set"][-3000:]
     assert "Detector ready" not in logs["env"] and "predict: " not in logs["env"]
+    # model_acceleration: auto measured at start-up and said what it chose; the YAML's arg beat the environment.
+    assert re.search(r"Detector ready .*acceleration: (channels_last|compile|eager): .*measured", logs["set"]), \
+        logs["set"][-3000:]
+    assert "acceleration: channels_last: channels_last asked for" in logs["yaml"], logs["yaml"][-3000:]
