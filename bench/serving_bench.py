@@ -343,8 +343,9 @@ def summary(results: dict) -> list[str]:
     lines = [f"== {results['provenance']['machine']['cpus_usable']} cores; served / eager raw floor =="]
     for name, m in results["models"].items():
         floor = m["raw_floor"]["eager"]["images_per_s"]
-        lines.append(f"{name}: raw floor eager {floor:.3f} img/s, accelerated "
-                     f"{m['raw_floor']['auto']['images_per_s']:.3f} ({m['raw_floor']['auto']['acceleration']})")
+        accel = m["raw_floor"]["auto"]["acceleration"]
+        lines.append(f"{name}: raw floor eager {floor:.3f} img/s, auto {m['raw_floor']['auto']['images_per_s']:.3f} "
+                     f"({accel['mode']}: {accel['reason']})")
         for accel, run in m["served"].items():
             for source, point in run["shapes"].items():
                 n, c = point["predict_n"], point["one_task_calls"]
