@@ -88,13 +88,18 @@ class Detector:
         self._model_thread = model_thread(self.threads)
         started = time.perf_counter()
         self.loaded_at = time.time()
-        self.runner = BatchDetector(
+        # Built (weights, warm-up, acceleration timing) in the model thread too:
+        # once another thread has run an OpenMP region, libgomp counts its idle
+        # team against the cores and the model thread's workers stop spinning
+        # (measured: about half the speed; docs/performance.md).
+        self.runner = self._model_thread.submit(
+            BatchDetector,
             resolve_config_file(config_file),
             resolve_checkpoint_file(checkpoint_file, checkpoint_sha256=checkpoint_sha256),
             device,
             allow_cpu_fallback,
             acceleration,
-        )
+        ).result()
         self.reconfigure(None)  # the per-device defaults until a user_config says otherwise
         # One model call per batch pays off on a GPU; on a CPU images run one by
         # one inside the batch (a stacked CPU batch measured slower per image).
