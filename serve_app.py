@@ -13,6 +13,7 @@ from ray.serve import Application
 from deployments.detector import Detector, usable_cores
 from deployments.image_loader import ImageLoader
 from deployments.ingress import MAX_INFLIGHT_IMAGES, MAX_TASKS_PER_REQUEST, PREDICT_TIMEOUT_S, LabelStudioIngress
+from deployments.job_runner import JobRunner
 from deployments.postprocess import Postprocess
 from mmdet_ls.credentials import basic_auth_setting, operator_access
 from mmdet_ls.devices import parse_device
@@ -65,6 +66,12 @@ class AppArgs(BaseModel):
     basic_auth_user: Optional[str] = None  # password: BASIC_AUTH_PASS in the environment
     health_requires_auth: bool = False
     log_level: Optional[str] = None  # DEBUG, INFO, WARNING, ERROR for every deployment
+    # Jobs (docs/jobs.md): a TASKS_CREATED webhook starts a job for the new
+    # tasks, and a sweep every annotate_sweep_interval_s catches missed ones.
+    annotate_new_tasks: bool = False
+    annotate_sweep_interval_s: float = Field(600.0, ge=10.0)
+    # Images a job keeps in flight; default: the Detectors' max_batch_size x replicas x 2.
+    bulk_inflight_images: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -153,11 +160,23 @@ def build_app(args: AppArgs) -> Application:
         acceleration=args.model_acceleration,
     )
     postprocess = Postprocess.options(**logged).bind()
+    version = model_version(args.config_file, checkpoint_file)
+    jobs = JobRunner.options(**logged).bind(
+        loader,
+        detector,
+        postprocess,
+        model_version=version,
+        label_studio_url=args.label_studio_url,
+        annotate_new_tasks=args.annotate_new_tasks,
+        annotate_sweep_interval_s=args.annotate_sweep_interval_s,
+        bulk_inflight_images=args.bulk_inflight_images,
+    )
     return LabelStudioIngress.options(**logged).bind(
         loader,
         detector,
         postprocess,
-        model_version=model_version(args.config_file, checkpoint_file),
+        jobs,
+        model_version=version,
         model_class=f"MMDetection({Path(args.config_file).stem})",
         label_studio_url=args.label_studio_url,
         predict_timeout_s=args.predict_timeout_s,

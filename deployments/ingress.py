@@ -11,23 +11,37 @@ import logging
 import time
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mmdet_ls.credentials import access_for, basic_auth_setting, operator_access, setup_access
-from mmdet_ls.failures import TaskFailure
+from mmdet_ls.credentials import (
+    access_for,
+    basic_auth_setting,
+    jobs_token_setting,
+    operator_access,
+    setup_access,
+    webhook_secret_setting,
+)
+from mmdet_ls.jobs import LINGER_S
 from mmdet_ls.label_config import LabelConfigError
 from mmdet_ls.projects import Projects, cached_label_config, project_key
-from mmdet_ls.regions import ImageResult
-from mmdet_ls.tasks import ImageJob, image_source, plan_jobs
+from mmdet_ls.tasks import plan_jobs
 
 from . import metrics
-from .auth import AuthRequired, BasicAuth, answer_auth_required
-from .dispatch import GroupDispatcher
+from .auth import (
+    AuthRequired,
+    BasicAuth,
+    JobsAuth,
+    JobsAuthMissing,
+    WebhookAuth,
+    answer_auth_required,
+    answer_jobs_auth_missing,
+)
+from .background import BackgroundCompletion
+from .graph import GraphClient
 from .health import DetectorHealth
 from .http_io import SafeJSONResponse, error_response, plan_overflow, read_json_body, render_predict_answer_off_loop
-from .image_loader import ImageRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,9 +53,12 @@ app = FastAPI(
     docs_url=None,
     redoc_url=None,
     openapi_url=None,
-    exception_handlers={AuthRequired: answer_auth_required},
+    exception_handlers={AuthRequired: answer_auth_required, JobsAuthMissing: answer_jobs_auth_missing},
 )
 AUTH = [Depends(BasicAuth())]
+JOBS_AUTH = [Depends(JobsAuth())]
+WEBHOOK_AUTH = [Depends(WebhookAuth())]
+MAX_JOB_TASK_IDS = 100_000  # task ids one POST /jobs may name
 HEALTH_AUTH = [Depends(BasicAuth(for_health=True))]
 
 # Ingress queue: requests past max_ongoing_requests wait at the proxy, up to
@@ -52,6 +69,17 @@ RETRY_AFTER_S = 10
 PREDICT_TIMEOUT_S = 90.0  # Label Studio gives up at 100 s
 MAX_TASKS_PER_REQUEST = 1000
 MAX_INFLIGHT_IMAGES = 64
+
+
+def created_tasks(body: dict) -> tuple[int | None, list[int]]:
+    """(project id, new task ids) of a TASKS_CREATED webhook body."""
+    project = body.get("project")
+    project_id = project.get("id") if isinstance(project, dict) else project
+    if not isinstance(project_id, int) or isinstance(project_id, bool):
+        return None, []
+    tasks = body.get("tasks")
+    ids = [t.get("id") for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else []
+    return project_id, [t for t in ids if isinstance(t, int) and not isinstance(t, bool)][:MAX_JOB_TASK_IDS]
 
 
 # serve.ingress pickles the class when it decorates it: module-level helpers
@@ -71,6 +99,7 @@ class LabelStudioIngress:
         loader: DeploymentHandle,
         detector: DeploymentHandle,
         postprocess: DeploymentHandle,
+        jobs: DeploymentHandle,
         model_version: str,
         model_class: str = "MMDetection",
         label_studio_url: str | None = None,
@@ -83,14 +112,15 @@ class LabelStudioIngress:
         max_images_per_request: int | None = None,
         body_timeout_s: float = 30.0,
     ):
-        self.loader = loader
         self.detector = detector
-        self.postprocess = postprocess
+        self.jobs = jobs
         self.model_version = model_version
         self.model_class = model_class
         # Secrets are read here, from this replica's environment (never app args).
         self._operator_access = operator_access(label_studio_url)
-        self.basic_auth = basic_auth_setting(basic_auth_user)  # read by the BasicAuth dependency
+        self.basic_auth = basic_auth_setting(basic_auth_user)  # read by the BasicAuth and JobsAuth dependencies
+        self.jobs_token = jobs_token_setting()  # read by the JobsAuth dependency
+        self.webhook_secret = webhook_secret_setting()  # read by the WebhookAuth dependency
         self.health_requires_auth = health_requires_auth
         self.predict_timeout_s = predict_timeout_s
         self.max_tasks_per_request = max_tasks_per_request
@@ -99,7 +129,10 @@ class LabelStudioIngress:
         # tags multiplies the work per task. Default: one per allowed task.
         self.max_images_per_request = max_images_per_request or max_tasks_per_request
         self.body_timeout_s = body_timeout_s
-        self.dispatcher = GroupDispatcher(self._send_group, max_inflight_images)
+        self.graph = GraphClient(loader, detector, postprocess, max_inflight_images)
+        # Unfinished tasks go on in the JobRunner when the operator's key can write them back.
+        has_key = self._operator_access is not None and self._operator_access.api_key is not None
+        self.background = BackgroundCompletion(jobs if has_key else None, model_version)
         self.projects = Projects()
         self.detector_health = DetectorHealth()
 
@@ -160,38 +193,81 @@ class LabelStudioIngress:
             return refusal
         accepted = tasks[:limit]
         jobs, failures = plan_jobs(accepted, config)
+        claim = await self.background.claim(project, accepted)
+        jobs = [job for job in jobs if job.task_index not in claim.held]
+        failures.update(claim.held)
         logger.debug("predict: %d tasks (%d images, %d beyond this call)", len(accepted), len(jobs), n_overflow)
         access = access_for(self._operator_access, self.projects.access(project))
-        outcomes = await asyncio.gather(*(self._run_job(job, access, deadline) for job in jobs))
+        outcomes = await self.graph.run_jobs(jobs, access, deadline)
+        failures.update(await self.background.hand_over(claim, accepted, jobs, outcomes, xml))
         content, results = await render_predict_answer_off_loop(
             len(accepted), jobs, outcomes, failures, self.model_version, overflow_item, n_overflow
         )
+        await self.background.release(claim, LINGER_S)
         metrics.record_predict(results, outcomes, time.monotonic() - started, overflow=(n_overflow, limit))
         return Response(content, media_type="application/json")
 
-    async def _run_job(self, job: ImageJob, access, deadline: float) -> ImageResult | TaskFailure:
-        """One image through the graph; every error becomes this task's failure."""
-        request = ImageRequest(job.task_id, job.value, access)
-        return await self.dispatcher.submit((request, job.targets), image_source(job.value), job.task_id, deadline)
-
-    def _send_group(self, items: list) -> list:
-        """One call per deployment for a group of (ImageRequest, targets)."""
-        loaded = self.loader.load_group.remote([request for request, _ in items])
-        detected = self.detector.detect_group.remote(loaded)
-        return [loaded, detected, self.postprocess.to_regions_group.remote(detected, [t for _, t in items])]
-
-    @app.post("/webhook", dependencies=AUTH)
+    @app.post("/webhook", dependencies=WEBHOOK_AUTH)
     async def webhook(self, request: Request):
+        """Label Studio sends every project event here (1 s timeout, no retry).
+        TASKS_CREATED starts a job for the new tasks when annotate_new_tasks
+        is on; the job runs in the JobRunner, this answers at once."""
         body, _, error = await self._read_json(request)
         if error:
             return error
         action = body.get("action")
+        if action == "TASKS_CREATED":
+            project, task_ids = created_tasks(body)
+            if project is not None:
+                try:
+                    answer = await asyncio.wait_for(self.jobs.tasks_created.remote(project, task_ids), 0.5)
+                except Exception as exc:  # the periodic sweep catches these tasks later
+                    answer = {"handled": False, "detail": f"job runner busy ({type(exc).__name__}); the sweep "
+                                                          "will catch these tasks"}
+                return {"status": "ok", "action": action, **{k: v for k, v in answer.items() if k != "status"}}
         return {
             "status": "ok",
             "action": action if isinstance(action, str) else None,
             "handled": False,
             "detail": "event acknowledged; this backend does not train, so annotation events change nothing",
         }
+
+    # ------------------------------------------------------------ /jobs
+    @app.post("/jobs", dependencies=JOBS_AUTH)
+    async def start_job(self, request: Request):
+        body, _, error = await self._read_json(request)
+        if error:
+            return error
+        project, task_ids = body.get("project"), body.get("task_ids")
+        if isinstance(project, str) and project.isdigit():
+            project = int(project)
+        if not isinstance(project, int) or isinstance(project, bool) or project < 1:
+            return error_response(400, '"project" must be a Label Studio project id')
+        if task_ids is not None and (not isinstance(task_ids, list) or len(task_ids) > MAX_JOB_TASK_IDS
+                                     or not all(isinstance(t, int) and not isinstance(t, bool) for t in task_ids)):
+            return error_response(400, f'"task_ids" must be a list of at most {MAX_JOB_TASK_IDS} task ids')
+        answer = await self.jobs.start_bulk.remote(project, task_ids)
+        status = answer.pop("status")
+        return JSONResponse(answer, status_code=status)
+
+    @app.get("/jobs", dependencies=JOBS_AUTH)
+    async def list_jobs(self):
+        return {"jobs": await self.jobs.list.remote()}
+
+    @app.get("/jobs/{job_id}", dependencies=JOBS_AUTH)
+    async def get_job(self, job_id: str):
+        job = await self.jobs.get.remote(job_id[:64])
+        if job is None:
+            return error_response(404, f"no job {job_id[:64]!r} (finished jobs are kept until "
+                                       "100 newer ones; a job runner restart keeps them)")
+        return {"job": job}
+
+    @app.delete("/jobs/{job_id}", dependencies=JOBS_AUTH)
+    async def cancel_job(self, job_id: str):
+        job = await self.jobs.cancel.remote(job_id[:64])
+        if job is None:
+            return error_response(404, f"no job {job_id[:64]!r}")
+        return {"job": job}
 
     @app.get("/metrics", dependencies=AUTH)
     async def prometheus_metrics(self):

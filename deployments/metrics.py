@@ -29,6 +29,11 @@ def counter(name: str, description: str, tag_keys: tuple[str, ...] = ()) -> metr
 
 
 @cache
+def gauge(name: str, description: str, tag_keys: tuple[str, ...] = ()) -> metrics.Gauge:
+    return metrics.Gauge(PREFIX + name, description=description, tag_keys=tag_keys or None)
+
+
+@cache
 def histogram(name: str, description: str, buckets: tuple, tag_keys: tuple[str, ...] = ()) -> metrics.Histogram:
     return metrics.Histogram(
         PREFIX + name, description=description, boundaries=list(buckets), tag_keys=tag_keys or None
@@ -101,6 +106,33 @@ def record_predict(
             "%d of %d tasks answered with an error: %s", sum(failed.values()), len(results) + n_overflow,
             "; ".join(f"{reason} x{n} (e.g. {examples[reason]})" for reason, n in failed.most_common(10)),
         )
+
+
+JOB_STATES = ("queued", "listing", "running", "cancelling", "done", "failed", "cancelled", "lost")
+JOB_TASK_OUTCOMES = ("done", "failed", "written", "skipped")
+_job_counts_seen: dict[str, dict[str, int]] = {}  # job id -> counts already added to the counters
+
+
+def record_jobs(records) -> None:
+    """Job gauges (jobs by state, tasks queued) and counters (job tasks by
+    outcome), from the JobRunner's records: called on each job change."""
+    records = list(records)
+    states = Counter(r.state for r in records)
+    jobs_gauge = gauge("jobs", "Pre-annotation jobs the JobRunner knows, by state.", ("state",))
+    for state in JOB_STATES:
+        jobs_gauge.set(states.get(state, 0), tags={"state": state})
+    queued = sum(max(0, (r.total or 0) - r.done - r.failed - r.skipped) for r in records if not r.finished)
+    gauge("job_tasks_queued", "Tasks that running jobs still have to predict.").set(queued)
+    tasks = counter("job_tasks", "Tasks finished by jobs, by outcome (done, failed, written, skipped).", ("outcome",))
+    for record in records:
+        seen = _job_counts_seen.setdefault(record.id, {})
+        for outcome in JOB_TASK_OUTCOMES:
+            now = getattr(record, outcome)
+            if now > seen.get(outcome, 0):
+                tasks.inc(now - seen.get(outcome, 0), tags={"outcome": outcome})
+                seen[outcome] = now
+    for job_id in set(_job_counts_seen) - {r.id for r in records}:
+        del _job_counts_seen[job_id]
 
 
 def collect_prometheus_text(prefix: str = PREFIX, timeout_s: float = 2.0) -> str:

@@ -24,3 +24,11 @@ def basic_auth_ok(header: str, expected: tuple[str, str | None] | None) -> bool:
     user_ok = hmac.compare_digest(user, expected[0].encode("utf-8"))
     pass_ok = hmac.compare_digest(password, (expected[1] or "").encode("utf-8"))
     return user_ok and pass_ok
+
+
+def bearer_ok(header: str, token: str | None) -> bool:
+    """Whether an Authorization header is `Bearer <token>` (never when no token is set)."""
+    if not token:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode("utf-8"), token.encode("utf-8"))

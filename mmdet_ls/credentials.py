@@ -85,6 +85,22 @@ def basic_auth_setting(user_arg: str | None) -> tuple[str, str] | None:
     return (user, password) if user else None
 
 
+def jobs_token_setting() -> str | None:
+    """JOBS_TOKEN: a bearer token for the /jobs API (besides basic auth)."""
+    token = read_secret("JOBS_TOKEN")
+    if token is not None and len(token) < 16:
+        raise ConfigError("JOBS_TOKEN must be at least 16 characters")
+    return token
+
+
+def webhook_secret_setting() -> str | None:
+    """WEBHOOK_SECRET: what Label Studio's webhook must carry when basic auth is on."""
+    secret = read_secret("WEBHOOK_SECRET")
+    if secret is not None and len(secret) < 16:
+        raise ConfigError("WEBHOOK_SECRET must be at least 16 characters")
+    return secret
+
+
 def setup_access(hostname, token) -> LabelStudioAccess | None:
     """What a /setup call hands over, validated; ValueError for bad values."""
     if hostname in (None, "") and token in (None, ""):

@@ -34,7 +34,8 @@ ENV_FALLBACKS = {
     "model_acceleration": ("MODEL_ACCELERATION",),
 }
 LIVE_ENV_FALLBACKS = {"score_threshold": "SCORE_THRESHOLD"}
-SECRET_ENV = {"label_studio_api_key": "LABEL_STUDIO_API_KEY", "basic_auth_pass": "BASIC_AUTH_PASS"}
+SECRET_ENV = {"label_studio_api_key": "LABEL_STUDIO_API_KEY", "basic_auth_pass": "BASIC_AUTH_PASS",
+              "jobs_token": "JOBS_TOKEN", "webhook_secret": "WEBHOOK_SECRET"}
 DEFAULT_SCORE_THRESHOLD = 0.5
 
 

@@ -1,6 +1,7 @@
 """Start and stop Ray Serve for tests without touching other Ray clusters."""
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -122,3 +123,24 @@ def batch_size_histogram(url: str, auth=None) -> tuple[dict, float] | None:
     count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith("ray_mmdet_ls_model_batch_size_count"))
     return (buckets, count) if count >= 1 else None
+
+
+def replica_actors(deployment: str, app: str = "mmdet-backend") -> dict[str, tuple]:
+    """Live replica actors of a deployment -> (actor handle, process id)."""
+    import ray
+
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry.get("namespace") != "serve" or not name.startswith(f"SERVE_REPLICA::{app}#{deployment}#"):
+            continue
+        try:
+            actor = ray.get_actor(name, namespace="serve")
+            found[name] = (actor, ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10))
+        except Exception:  # dying or not started: not a live replica
+            continue
+    return found
+
+
+def replica_pids(deployment: str, app: str = "mmdet-backend") -> dict[str, int]:
+    return {name: pid for name, (_, pid) in replica_actors(deployment, app).items()}

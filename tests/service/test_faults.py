@@ -22,7 +22,7 @@ import pytest
 import requests
 from model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
 from payloads import predict, task
-from serve_fixtures import wait_ready, wait_until
+from serve_fixtures import replica_actors, replica_pids, wait_ready, wait_until
 from toy_detector.scenes import make_scene, scene_png
 
 import serve_app
@@ -144,27 +144,6 @@ class TimedRequests(list):
     def append(self, item):
         self.arrived.append(time.time())
         super().append(item)
-
-
-def replica_actors(deployment: str) -> dict[str, tuple]:
-    """Live replica actors of a deployment -> (actor handle, process id)."""
-    import ray
-
-    found = {}
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        name = entry["name"]
-        if entry.get("namespace") != "serve" or not name.startswith(f"SERVE_REPLICA::{APP}#{deployment}#"):
-            continue
-        try:
-            actor = ray.get_actor(name, namespace="serve")
-            found[name] = (actor, ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10))
-        except Exception:  # dying or not started: not a live replica
-            continue
-    return found
-
-
-def replica_pids(deployment: str) -> dict[str, int]:
-    return {name: pid for name, (_, pid) in replica_actors(deployment).items()}
 
 
 def ingress_logs() -> dict[Path, int]:

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_CONFIG = ROOT / "serve_config.cluster.yaml"
 RAYSERVICE = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
-DEPLOYMENT_NAMES = {"LabelStudioIngress", "ImageLoader", "Detector", "Postprocess"}
+DEPLOYMENT_NAMES = {"LabelStudioIngress", "ImageLoader", "Detector", "Postprocess", "JobRunner"}
 
 
 def _fields(model) -> set[str]:
