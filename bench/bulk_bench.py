@@ -12,7 +12,9 @@
    CHECKPOINT_FILE, the key from LABEL_STUDIO_API_KEY, the jobs API behind
    JOBS_TOKEN), acceleration eager, and one job over the whole project
    (POST /jobs): images/s from the POST to state done, listing, loading,
-   inference and write-back included, and the predictions Label Studio holds.
+   inference and write-back included, the predictions Label Studio holds,
+   and the latency of a one-task /predict every 5 s during the job (an
+   annotator opening a task) next to one batch's time.
 Label Studio shares the cores with the service in this run.
 Results: bench/results/bulk-<stamp>.json with provenance.
 """
@@ -71,10 +73,15 @@ def main() -> None:
             answer = requests.post(f"{svc.url}/jobs", json={"project": project}, headers=headers, timeout=30)
             answer.raise_for_status()
             job_id = answer.json()["job"]["id"]
+            interactive = []  # an annotator opening a task while the job runs: one-task /predict latency
+            next_probe = started + 5.0
             while True:
                 job = requests.get(f"{svc.url}/jobs/{job_id}", headers=headers, timeout=30).json()["job"]
                 if job["state"] in ("done", "failed", "cancelled", "lost"):
                     break
+                if time.perf_counter() >= next_probe and job["state"] == "running":
+                    interactive.append(round(svc.predict([data[len(interactive) % len(data)]["image"]]), 3))
+                    next_probe = time.perf_counter() + 5.0
                 time.sleep(0.5)
             seconds = time.perf_counter() - started
             result["service_ready"] = svc.ready_line()
@@ -83,10 +90,15 @@ def main() -> None:
     result["job"]["wall_s"] = round(seconds, 2)
     result["job"]["images_per_s_wall"] = round(opts.tasks / seconds, 3)
     result["stored_predictions"] = stored
+    # One CPU batch (max_batch_size 4, images one by one) at the raw floor's speed, for comparison.
+    batch_s = 4 / result["raw_floor"]["images_per_s"]
+    result["interactive_during_job"] = {"latencies_s": interactive, "one_batch_s": round(batch_s, 3),
+                                        "one_image_s": round(1 / result["raw_floor"]["images_per_s"], 3)}
     result["ratio_to_raw_floor"] = round(result["job"]["images_per_s_wall"] / result["raw_floor"]["images_per_s"], 3)
     result["summary"] = (f"{opts.model}, {opts.tasks} tasks: job {result['job']['images_per_s_wall']} img/s "
                          f"(POST to done), raw floor {result['raw_floor']['images_per_s']:.3f} img/s: "
-                         f"{result['ratio_to_raw_floor']}x; {stored} predictions stored; state {job['state']}")
+                         f"{result['ratio_to_raw_floor']}x; {stored} predictions stored; state {job['state']}; "
+                         f"one-task /predict during the job: {interactive} s (one batch: {batch_s:.2f} s)")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bulk-{stamp()}-{opts.model}.json"

@@ -30,6 +30,10 @@ TERMINAL_STATES = frozenset({"done", "failed", "cancelled", "lost"})
 MAX_FAILURES_KEPT = 100  # per job; the count goes on, the list stops
 WRITE_RETRIES = 3  # a write Label Studio answered with 5xx (or not at all) is tried this many more times
 WRITE_EVERY_S = 2.0  # predictions wait at most this long for company before a write
+# Predictions per import call at most. Each import makes Label Studio recount
+# the whole project (about 1 s at 20,000 tasks), so a fast model's writes
+# must grow with its backlog rather than queue up behind small calls.
+MAX_WRITE_CHUNK = 500
 LINGER_S = 120.0  # a /predict's claims outlive its answer until Label Studio has stored it
 
 # Messages that say how a job resumes, by kind (a job lost with its replica).
@@ -296,24 +300,31 @@ class JobRun:
         async with self._write_lock:
             while (self._pending_writes and not self._fatal
                    and (force or len(self._pending_writes) >= self.write_chunk)):
-                chunk, self._pending_writes = (self._pending_writes[: self.write_chunk],
-                                               self._pending_writes[self.write_chunk:])
+                chunk, self._pending_writes = (self._pending_writes[:MAX_WRITE_CHUNK],
+                                               self._pending_writes[MAX_WRITE_CHUNK:])
                 await self._write_chunk(chunk)
 
     async def _write_chunk(self, chunk: list[dict]) -> None:
         """Write what Label Studio does not hold yet. Asked again before every
-        try: an import that timed out on our side may have been stored."""
+        try (an import that timed out on our side may have been stored), and
+        after an import that created fewer than sent (with strict validation
+        off, Label Studio drops invalid predictions silently)."""
         record = self.record
         ids = [item["task"] for item in chunk]
-        written = 0
+        written, not_stored = 0, []
         for attempt in range(WRITE_RETRIES + 1):
             try:
                 there = await asyncio.to_thread(self.api.tasks_with_prediction, record.project, ids,
                                                 record.model_version)
                 fresh = [item for item in chunk if item["task"] not in there]
                 if fresh:
-                    await asyncio.to_thread(self.api.import_predictions, record.project, fresh)
+                    created = await asyncio.to_thread(self.api.import_predictions, record.project, fresh)
                     written = len(fresh)
+                    if created != len(fresh):
+                        now_there = await asyncio.to_thread(self.api.tasks_with_prediction, record.project,
+                                                            [item["task"] for item in fresh], record.model_version)
+                        not_stored = [item["task"] for item in fresh if item["task"] not in now_there]
+                        written -= len(not_stored)
                 break
             except LabelStudioAPIError as exc:
                 if not exc.retriable or attempt == WRITE_RETRIES:
@@ -321,8 +332,11 @@ class JobRun:
                                    or f"Label Studio refused the write-back of {len(chunk)} predictions ({exc})")
                     raise
                 await asyncio.sleep(2 ** attempt)
+        for task_id in not_stored:
+            record.fail_task(task_id, "not_stored", "Label Studio did not store the prediction (its validation "
+                                                    "dropped it); see Label Studio's log")
         record.written += written
-        record.done += len(chunk)
+        record.done += len(chunk) - len(not_stored)
         self.claims.release(record.project, ids, record.id)
         self.on_change(record)
 

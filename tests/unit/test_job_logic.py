@@ -28,6 +28,7 @@ class LabelStudioInMemory:
         self.stored: dict[int, list[str]] = {}
         self.refuse: int | None = None  # answer imports with this HTTP status
         self.lose_answers = 0  # store, then time out this many imports (the answer never came)
+        self.drop_tasks: set[int] = set()  # "validation" drops these silently (strict validation off)
         self.import_calls = 0
 
     def _pending(self, model_version, task_ids):
@@ -48,13 +49,17 @@ class LabelStudioInMemory:
         if self.refuse:
             raise LabelStudioAPIError(f"HTTP {self.refuse} from /api/projects/1/import/predictions",
                                       status=self.refuse, retriable=self.refuse >= 500)
+        created = 0
         for item in items:
+            if item["task"] in self.drop_tasks:
+                continue
             self.stored.setdefault(item["task"], []).append(item["model_version"])
+            created += 1
         if self.lose_answers:
             self.lose_answers -= 1
             raise LabelStudioAPIError("timed out reading the answer of /api/projects/1/import/predictions",
                                       retriable=True)
-        return len(items)
+        return created
 
 
 async def predict(task, config):
@@ -123,6 +128,15 @@ def test_an_import_whose_answer_was_lost_is_not_written_twice(monkeypatch):
     assert (record.state, record.done) == ("done", 27)
     assert record.written < 27  # the two lost answers' chunks were found stored, not written again
     assert len(api.stored) == 27 and all(v == [VERSION] for v in api.stored.values()), api.stored
+
+
+def test_a_prediction_label_studio_dropped_silently_is_a_failure_not_done():
+    api = LabelStudioInMemory(20)
+    api.drop_tasks = {4, 7}
+    record, _ = run_job(api)
+    assert (record.state, record.done, record.written) == ("done", 16, 16)
+    assert sorted(f["task"] for f in record.failures if f["reason"] == "not_stored") == [4, 7]
+    assert record.failed == 2 + 2  # tasks 10 and 20 had no image
 
 
 _real_sleep = asyncio.sleep
