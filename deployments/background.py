@@ -18,6 +18,9 @@ from mmdet_ls.projects import project_key
 logger = logging.getLogger("ray.serve")
 
 CLAIM_TIMEOUT_S = 5.0  # the JobRunner answers in milliseconds; past this, predict without it
+# Time kept for handing unfinished tasks over (one JobRunner call, then the
+# answer is rendered) before predict_timeout_s: the images stop this early.
+HANDOVER_S = 2.0
 NO_KEY_HINT = ("not finished in time for Label Studio; retry later (set LABEL_STUDIO_API_KEY and LABEL_STUDIO_URL "
                "to have such tasks finished in the background and written back)")
 
@@ -59,7 +62,9 @@ class BackgroundCompletion:
         index_of = {task_id: index for index, task_id in ids.items()}
         for task_id, holder in held.items():
             index = index_of[int(task_id)]
-            claim.held[index] = in_background(f"job {holder}" if holder.isalnum() else holder, late=False)
+            claim.held[index] = (in_background(holder, late=False) if holder.startswith("job ") else TaskFailure(
+                "in_progress", "being predicted by another call that is still running; Label Studio stores its "
+                               "answer", retriable=True))
             del claim.task_ids[index]
         return claim
 
@@ -77,7 +82,7 @@ class BackgroundCompletion:
         payload = [{"id": tasks[i]["id"], "data": tasks[i]["data"]} for i in mine]
         try:
             answer = await asyncio.wait_for(
-                self.jobs.background.remote(claim.project, payload, label_config, claim.owner), CLAIM_TIMEOUT_S)
+                self.jobs.background.remote(claim.project, payload, label_config, claim.owner), HANDOVER_S - 0.5)
         except Exception as exc:
             answer = {"error": f"the job runner did not take them ({type(exc).__name__})"}
         if "job" not in answer:
@@ -88,13 +93,17 @@ class BackgroundCompletion:
             del claim.task_ids[i]  # the job owns them now
         return {i: in_background(f"job {answer['job']}", late=True) for i in mine}
 
-    async def release(self, claim: Claim, linger_s: float) -> None:
-        """This call's claims end a while after its answer (Label Studio stores it meanwhile)."""
+    async def release(self, claim: Claim, results: list[dict], linger_s: float) -> None:
+        """This call's claims end: at once for tasks answered with an error,
+        a while after the answer for predicted ones (Label Studio stores them
+        meanwhile; a job must not predict them again)."""
         if claim.project is None or not claim.task_ids:
             return
+        predicted = [task_id for index, task_id in claim.task_ids.items() if "result" in results[index]]
+        failed = [task_id for index, task_id in claim.task_ids.items() if "result" not in results[index]]
         try:
-            await asyncio.wait_for(self.jobs.release.remote(claim.project, list(claim.task_ids.values()),
-                                                            claim.owner, linger_s), CLAIM_TIMEOUT_S)
+            await asyncio.wait_for(self.jobs.release.remote(claim.project, predicted, failed, claim.owner, linger_s),
+                                   CLAIM_TIMEOUT_S)
         except Exception as exc:
             logger.warning("could not release claims of %s (%s); they lapse with the runner", claim.owner,
                            type(exc).__name__)

@@ -38,7 +38,7 @@ from .auth import (
     answer_auth_required,
     answer_jobs_auth_missing,
 )
-from .background import BackgroundCompletion
+from .background import HANDOVER_S, BackgroundCompletion
 from .graph import GraphClient
 from .health import DetectorHealth
 from .http_io import SafeJSONResponse, error_response, plan_overflow, read_json_body, render_predict_answer_off_loop
@@ -198,12 +198,15 @@ class LabelStudioIngress:
         failures.update(claim.held)
         logger.debug("predict: %d tasks (%d images, %d beyond this call)", len(accepted), len(jobs), n_overflow)
         access = access_for(self._operator_access, self.projects.access(project))
-        outcomes = await self.graph.run_jobs(jobs, access, deadline)
+        # With background completion the hand-over happens after the images'
+        # deadline: keep its time inside predict_timeout_s.
+        images_deadline = deadline - (HANDOVER_S if claim.project is not None else 0.0)
+        outcomes = await self.graph.run_jobs(jobs, access, images_deadline)
         failures.update(await self.background.hand_over(claim, accepted, jobs, outcomes, xml))
         content, results = await render_predict_answer_off_loop(
             len(accepted), jobs, outcomes, failures, self.model_version, overflow_item, n_overflow
         )
-        await self.background.release(claim, LINGER_S)
+        await self.background.release(claim, results, LINGER_S)
         metrics.record_predict(results, outcomes, time.monotonic() - started, overflow=(n_overflow, limit))
         return Response(content, media_type="application/json")
 

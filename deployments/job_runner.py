@@ -210,12 +210,16 @@ class JobRunner:
         return {"status": 202, "job": record.public()}
 
     async def claim(self, project: int, task_ids: list[int], owner: str) -> dict[int, str]:
-        """Claim tasks for a /predict; {task id: job id or "another call"} for those held elsewhere."""
-        held = self.claims.claim(project, task_ids, owner, lease_s=PREDICT_CLAIM_LEASE_S)
-        return {t: (o if o in self.records else "another Retrieve predictions call") for t, o in held.items()}
+        """Claim tasks for a /predict; {task id: "job <id>" or "call"} for those held elsewhere."""
+        held = self.claims.claim(project, task_ids, owner, lease_s=PREDICT_CLAIM_LEASE_S, for_predict=True)
+        return {t: (f"job {o}" if o in self.records else "call") for t, o in held.items()}
 
-    async def release(self, project: int, task_ids: list[int], owner: str, linger_s: float) -> None:
-        self.claims.release(project, task_ids, owner, linger_s)
+    async def release(self, project: int, predicted: list[int], failed: list[int], owner: str,
+                      linger_s: float) -> None:
+        """A /predict answered: its predicted tasks stay held against jobs until
+        Label Studio stored them; failed ones are free at once."""
+        self.claims.release(project, predicted, owner, linger_s)
+        self.claims.release(project, failed, owner)
 
     async def background(self, project: int, tasks: list[dict], label_config: str, owner: str) -> dict:
         """Take over a /predict's unfinished tasks: {"job": id} or {"error": why}."""

@@ -34,7 +34,10 @@ WRITE_EVERY_S = 2.0  # predictions wait at most this long for company before a w
 # the whole project (about 1 s at 20,000 tasks), so a fast model's writes
 # must grow with its backlog rather than queue up behind small calls.
 MAX_WRITE_CHUNK = 500
-LINGER_S = 120.0  # a /predict's claims outlive its answer until Label Studio has stored it
+# A claim outlives its end this long: a /predict's, until Label Studio has
+# stored the answer; a job's, until a click Label Studio listed before the
+# write has come and gone.
+LINGER_S = 120.0
 
 # Messages that say how a job resumes, by kind (a job lost with its replica).
 RESUME_HINT = {
@@ -116,15 +119,20 @@ class JobRecord:
 class Claims:
     """Which of our paths is predicting which task: (project, task id) -> owner.
 
-    A /predict claims its tasks for its run and a while after (LINGER_S),
-    until Label Studio has stored its answer; a job claims a page's tasks
-    until they are written. A task held by another owner is not predicted
-    again. Bounded by the tasks in flight and queued, plus lingering ones.
+    A /predict claims its tasks for its run (a lease, so a caller that
+    vanished cannot hold them forever); a job claims a page's tasks until
+    they are written. A task held by another owner is not predicted again.
+    A /predict's tasks answered with a prediction stay held by it for a while
+    (LINGER_S), until Label Studio has stored the answer, against jobs only:
+    another /predict may take them (Label Studio only sends a task again
+    when it holds no prediction of it). Bounded by the tasks in flight and
+    queued, plus lingering ones.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
-        self._holders: dict[tuple[int, int], tuple[str, float]] = {}
+        # (project, task) -> (owner, until, free for a /predict)
+        self._holders: dict[tuple[int, int], tuple[str, float, bool]] = {}
         self._next_sweep = 0.0
 
     def __len__(self) -> int:
@@ -133,27 +141,27 @@ class Claims:
     def _sweep(self, now: float) -> None:
         if now >= self._next_sweep:
             self._next_sweep = now + 5.0
-            for key in [k for k, (_, until) in self._holders.items() if until <= now]:
+            for key in [k for k, (_, until, _) in self._holders.items() if until <= now]:
                 del self._holders[key]
 
     def holder(self, project: int, task_id: int) -> str | None:
         entry = self._holders.get((project, task_id))
         return entry[0] if entry and entry[1] > self._clock() else None
 
-    def claim(self, project: int, task_ids, owner: str, lease_s: float | None = None) -> dict[int, str]:
-        """Claim what is free, until released (or for `lease_s`, so a caller
-        that vanished cannot hold tasks forever); {task id: owner} for tasks
-        others hold."""
+    def claim(self, project: int, task_ids, owner: str, lease_s: float | None = None,
+              for_predict: bool = False) -> dict[int, str]:
+        """Claim what is free (for a /predict, lingering claims count as free);
+        {task id: owner} for tasks others hold."""
         now = self._clock()
         self._sweep(now)
         until = now + lease_s if lease_s is not None else float("inf")
         held = {}
         for task_id in task_ids:
             entry = self._holders.get((project, task_id))
-            if entry and entry[0] != owner and entry[1] > now:
+            if entry and entry[0] != owner and entry[1] > now and not (for_predict and entry[2]):
                 held[task_id] = entry[0]
             else:
-                self._holders[(project, task_id)] = (owner, until)
+                self._holders[(project, task_id)] = (owner, until, False)
         return held
 
     def transfer(self, project: int, task_ids, from_owner: str, to_owner: str) -> list[int]:
@@ -162,22 +170,28 @@ class Claims:
         for task_id in task_ids:
             entry = self._holders.get((project, task_id))
             if entry and entry[0] == from_owner:
-                self._holders[(project, task_id)] = (to_owner, float("inf"))
+                self._holders[(project, task_id)] = (to_owner, float("inf"), False)
                 moved.append(task_id)
         return moved
 
-    def release(self, project: int, task_ids, owner: str, linger_s: float = 0.0) -> None:
+    def release(self, project: int, task_ids, owner: str, linger_s: float = 0.0,
+                against_predicts: bool = False) -> None:
+        """End `owner`'s claims, at once or after `linger_s`: against jobs only
+        (a /predict's answered tasks), or against /predict calls too (a job's
+        written tasks: a click whose list Label Studio made before the write
+        must not predict them again)."""
         until = self._clock() + linger_s
         for task_id in task_ids:
             entry = self._holders.get((project, task_id))
             if entry and entry[0] == owner:
                 if linger_s > 0:
-                    self._holders[(project, task_id)] = (owner, until)
+                    self._holders[(project, task_id)] = (owner, until, not against_predicts)
                 else:
                     del self._holders[(project, task_id)]
 
     def release_owner(self, owner: str) -> None:
-        for key in [k for k, (o, _) in self._holders.items() if o == owner]:
+        """End what `owner` still holds open (lingering claims run their course)."""
+        for key in [k for k, (o, until, _) in self._holders.items() if o == owner and until == float("inf")]:
             del self._holders[key]
 
 
@@ -337,7 +351,9 @@ class JobRun:
                                                     "dropped it); see Label Studio's log")
         record.written += written
         record.done += len(chunk) - len(not_stored)
-        self.claims.release(record.project, ids, record.id)
+        self.claims.release(record.project, not_stored, record.id)
+        stored = [task_id for task_id in ids if task_id not in not_stored]
+        self.claims.release(record.project, stored, record.id, LINGER_S, against_predicts=True)
         self.on_change(record)
 
 

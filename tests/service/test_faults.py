@@ -26,6 +26,7 @@ from serve_fixtures import replica_actors, replica_pids, wait_ready, wait_until
 from toy_detector.scenes import make_scene, scene_png
 
 import serve_app
+from deployments.background import NO_KEY_HINT
 from deployments.ingress import LabelStudioIngress
 from deployments.ray_errors import classify_exception
 from mmdet_ls.failures import TaskFailure
@@ -359,8 +360,10 @@ def test_predict_timeout_answers_in_time_with_retriable_errors(svc):
     assert len(results) == 103
     assert all("result" in item for item in results[:3]), results[:3]
     for item in results[3:]:
-        assert item == {"error": "not finished in time for Label Studio; retry later", "error_reason": "deadline",
+        # No Label Studio key here: no background completion, and the message names the settings that enable it.
+        assert item == {"error": NO_KEY_HINT, "error_reason": "deadline",
                         "retriable": True, "model_version": item["model_version"]}
+        assert "LABEL_STUDIO_API_KEY" in item["error"]
     assert health_times and max(health_times) < 1.0, health_times
     assert "result" in after.json()["results"][0] and after_s < 3.0, (after_s, after.text[:300])
 

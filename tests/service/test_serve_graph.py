@@ -172,6 +172,16 @@ def test_webhook_acknowledges_every_event(backend):
         assert body["status"] == "ok" and body["handled"] is False and "does not train" in body["detail"]
 
 
+def test_jobs_api_refuses_when_no_authentication_is_configured(backend):
+    # This service has the operator's key but neither basic auth nor JOBS_TOKEN:
+    # the jobs API (which writes with that key) stays closed and says why.
+    for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/abc"), ("DELETE", "/jobs/abc")):
+        resp = requests.request(method, f"{backend['url']}{path}", json={"project": 1}, timeout=10,
+                                headers={"Authorization": "Bearer some-token-0123456789"})
+        assert resp.status_code == 403, (method, path, resp.text)
+        assert "JOBS_TOKEN" in resp.json()["error"] and "BASIC_AUTH_USER" in resp.json()["error"]
+
+
 def test_score_threshold_and_batch_settings_change_live_without_reload(backend):
     """An operator edits user_config in the serve config and redeploys: the
     running replicas are reconfigured, the model is not reloaded."""

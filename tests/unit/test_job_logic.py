@@ -163,7 +163,8 @@ def test_cancel_stops_the_feed_and_writes_what_is_in_flight():
     asyncio.run(job.run(pending_task_pages(api, record, claims, page_size=50), CONFIG))
     assert record.state == "cancelled"
     assert 12 <= record.done < 20 and record.written == len(api.stored) == record.done
-    assert len(claims) == 0  # nothing held after the end
+    # After the end only the written tasks stay held (for a while, against a late click).
+    assert {t for t in api.tasks if claims.holder(1, t)} == set(api.stored)
 
 
 def test_claims_keep_two_paths_off_one_task():
@@ -175,6 +176,9 @@ def test_claims_keep_two_paths_off_one_task():
     claims.release(1, [1, 2], "predict-a", linger_s=5)  # answered: held until Label Studio stored it
     now[0] = 4.0
     assert claims.holder(1, 2) == "predict-a"
+    assert claims.claim(1, [2], "job-b") == {2: "predict-a"}  # against jobs...
+    assert claims.claim(1, [1], "predict-c", lease_s=10, for_predict=True) == {}  # ...not against a /predict
+    assert claims.claim(1, [1], "job-b") == {1: "predict-c"}
     now[0] = 6.0
     assert claims.holder(1, 2) is None and claims.claim(1, [2], "job-b") == {}
     assert claims.transfer(1, [3, 4], "predict-a", "job-c") == [3]
@@ -184,6 +188,13 @@ def test_claims_keep_two_paths_off_one_task():
     assert claims.holder(1, 3) == "job-c"  # jobs' claims have no lease
     claims.release_owner("job-c")
     assert claims.holder(1, 3) is None
+    # A job's written tasks stay held against /predict calls too, past the job's end.
+    claims.claim(1, [50, 51], "job-d")
+    claims.release(1, [50], "job-d", linger_s=5, against_predicts=True)
+    claims.release_owner("job-d")
+    assert claims.claim(1, [50, 51], "predict-e", lease_s=10, for_predict=True) == {50: "job-d"}
+    now[0] = 106.0
+    assert claims.claim(1, [50], "predict-e", lease_s=10, for_predict=True) == {}
 
 
 def test_pages_skip_tasks_another_path_holds():
