@@ -3,6 +3,8 @@
 Bench-only (`import_path: bench.noop_app:build_app`): it measures what the
 serving graph itself costs per request.
 """
+import asyncio
+
 import numpy as np
 
 import serve_app
@@ -34,6 +36,8 @@ class NoopDetector(Detector.func_or_class):
         self.loaded_at = time.time()
         self.runner = NoopBatchDetector()
         self.stack_batches = False
+        self._bulk_gate = asyncio.Condition()
+        self._bulk_queued = 0
         self.reconfigure(None)
 
 

@@ -88,10 +88,11 @@ class Detector:
         self._model_thread = model_thread(self.threads)
         started = time.perf_counter()
         self.loaded_at = time.time()
-        # Built (weights, warm-up, acceleration timing) in the model thread too:
-        # once another thread has run an OpenMP region, libgomp counts its idle
-        # team against the cores and the model thread's workers stop spinning
-        # (measured: about half the speed; docs/performance.md).
+        # Built (weights, warm-up, acceleration timing) in the model thread too,
+        # so the process has one OpenMP team: libgomp counts every thread's
+        # idle team against the cores, and past that its workers sleep between
+        # regions instead of spinning (bench/omp_threads.py measures it; on this
+        # machine its runs were too noisy to show a difference: docs/performance.md).
         self.runner = self._model_thread.submit(
             BatchDetector,
             resolve_config_file(config_file),
@@ -100,6 +101,8 @@ class Detector:
             allow_cpu_fallback,
             acceleration,
         ).result()
+        self._bulk_gate = asyncio.Condition()  # made in the replica's event loop's thread, used only there
+        self._bulk_queued = 0
         self.reconfigure(None)  # the per-device defaults until a user_config says otherwise
         # One model call per batch pays off on a GPU; on a CPU images run one by
         # one inside the batch (a stacked CPU batch measured slower per image).
@@ -150,12 +153,30 @@ class Detector:
             "compile_count": self.runner.compile_count(),
         }
 
-    async def detect_group(self, images: list[DecodedImage | TaskFailure]) -> list[Detections | TaskFailure]:
+    async def detect_group(self, images: list[DecodedImage | TaskFailure],
+                           bulk: bool = False) -> list[Detections | TaskFailure]:
         """Several images per call (fewer hops per image); each still goes
-        through the batch queue on its own, and fails on its own."""
-        results = await asyncio.gather(*(self._detect_one(image) for image in images), return_exceptions=True)
+        through the batch queue on its own, and fails on its own. `bulk`
+        (a job's images): at most one batch of them in the batch queue, the
+        rest wait here, so an annotator's image waits for at most the batch
+        that is running, not for a job's backlog."""
+        one = self._detect_bulk if bulk else self._detect_one
+        results = await asyncio.gather(*(one(image) for image in images), return_exceptions=True)
         return [r if not isinstance(r, BaseException) else
                 TaskFailure("model_error", f"model failed on this image: {type(r).__name__}") for r in results]
+
+    async def _detect_bulk(self, image: DecodedImage | TaskFailure) -> Detections | TaskFailure:
+        if isinstance(image, TaskFailure):
+            return image
+        async with self._bulk_gate:
+            await self._bulk_gate.wait_for(lambda: self._bulk_queued < self.max_batch_size)
+            self._bulk_queued += 1
+        try:
+            return await self._detect_one(image)
+        finally:
+            async with self._bulk_gate:
+                self._bulk_queued -= 1
+                self._bulk_gate.notify_all()
 
     async def _detect_one(self, image: DecodedImage | TaskFailure) -> Detections | TaskFailure:
         if isinstance(image, TaskFailure):

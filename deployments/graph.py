@@ -19,7 +19,8 @@ from .image_loader import ImageRequest
 
 class GraphClient:
     def __init__(self, loader: DeploymentHandle, detector: DeploymentHandle, postprocess: DeploymentHandle,
-                 max_inflight_images: int):
+                 max_inflight_images: int, bulk: bool = False):
+        self.bulk = bulk  # a job's images: they give way to annotators' at the Detector
         self.loader = loader
         self.detector = detector
         self.postprocess = postprocess
@@ -45,5 +46,6 @@ class GraphClient:
     def _send_group(self, items: list) -> list:
         """One call per deployment for a group of (ImageRequest, targets)."""
         loaded = self.loader.load_group.remote([request for request, _ in items])
-        detected = self.detector.detect_group.remote(loaded)
+        detected = self.detector.detect_group.remote(loaded, bulk=self.bulk) if self.bulk else \
+            self.detector.detect_group.remote(loaded)
         return [loaded, detected, self.postprocess.to_regions_group.remote(detected, [t for _, t in items])]

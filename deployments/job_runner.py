@@ -33,7 +33,11 @@ WRITE_CHUNK = 100  # predictions per import call
 MAX_JOBS_KEPT = 100  # finished job records kept (oldest go first)
 MAX_BACKGROUND_TASKS = 100_000  # tasks waiting in one project's background queue
 TASK_DEADLINE_S = 600.0  # one task's load + inference in a job (fetch limits bound the load)
-BATCHES_IN_FLIGHT = 2  # per Detector replica: one computing, one waiting, so it never idles
+# Per Detector replica: one batch computing, one waiting, so the Detector
+# never idles between batches and its autoscaling sees the load. The waiting
+# one waits at the Detector's bulk gate, not in its batch queue, so an
+# annotator's image goes ahead of it (Detector.detect_group(bulk=True)).
+BATCHES_IN_FLIGHT = 2
 CAPACITY_REFRESH_S = 10.0
 # A /predict's claim lapses after this even if its release never comes
 # (Label Studio's 100 s, plus the time it takes to store the answer).
@@ -80,7 +84,10 @@ class JobRunner:
         access = operator_access(label_studio_url)
         self.access = access if access is not None and access.api_key else None
         self.api = LabelStudioAPI(self.access) if self.access else None
-        self.graph = GraphClient(loader, detector, postprocess, max_inflight_images=1024)
+        # Its in-flight bound follows the Detectors' capacity (below), so a
+        # job's images travel in groups, a few per call.
+        self.graph = GraphClient(loader, detector, postprocess, max_inflight_images=bulk_inflight_images or 8,
+                                 bulk=True)
         self.claims = Claims()
         self.annotate_new_tasks = annotate_new_tasks
         self.sweep_interval_s = annotate_sweep_interval_s
@@ -135,6 +142,7 @@ class JobRunner:
                     self.inflight_images = max(1, info["max_batch_size"] * replicas * BATCHES_IN_FLIGHT)
                 except Exception:  # the detector is starting or restarting: keep the last value
                     pass
+                self.graph.dispatcher.set_max_inflight(self.inflight_images)
                 for run in self.runs.values():
                     run.inflight_tasks = self.inflight_images
             await asyncio.sleep(CAPACITY_REFRESH_S)
