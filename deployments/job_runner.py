@@ -32,6 +32,8 @@ PAGE_SIZE = 100  # tasks listed per Label Studio call
 WRITE_CHUNK = 100  # predictions per import call
 MAX_JOBS_KEPT = 100  # finished job records kept (oldest go first)
 MAX_BACKGROUND_TASKS = 100_000  # tasks waiting in one project's background queue
+MAX_ACTIVE_JOBS = 32  # jobs not finished at once (each holds a feed, claims and tasks in flight)
+MAX_SWEEP_PROJECTS = 10_000
 TASK_DEADLINE_S = 600.0  # one task's load + inference in a job (fetch limits bound the load)
 # Per Detector replica: one batch computing, one waiting, so the Detector
 # never idles between batches and its autoscaling sees the load. The waiting
@@ -183,6 +185,8 @@ class JobRunner:
             finally:
                 self.runs.pop(record.id, None)
                 self.claims.release_owner(record.id)
+                if self.background_queues.get(record.project, (None,))[0] == record.id:
+                    del self.background_queues[record.project]
 
         self._spawn(go())
         return record
@@ -200,6 +204,8 @@ class JobRunner:
         """{"job": ...} (202), or {"error", "status", "job"?}."""
         if not self.api:
             return {"status": 503, "error": NO_KEY}
+        if len(self.runs) >= MAX_ACTIVE_JOBS:
+            return {"status": 503, "error": f"{MAX_ACTIVE_JOBS} jobs are running; start this one when one ends"}
         if task_ids is None:  # one whole-project job per project at a time
             running = next((r for r in self.records.values()
                             if r.project == project and r.selection == "all" and not r.finished), None)
@@ -242,6 +248,8 @@ class JobRunner:
             record.total = (record.total or 0) + len(tasks)
             self._saved(record)
             return {"job": job_id}
+        if len(self.runs) >= MAX_ACTIVE_JOBS:
+            return {"error": f"{MAX_ACTIVE_JOBS} jobs are running"}
         queue = TaskQueue(MAX_BACKGROUND_TASKS)
         if not queue.add(tasks):
             return {"error": f"too many tasks waiting in the background (at most {MAX_BACKGROUND_TASKS})"}
@@ -264,7 +272,8 @@ class JobRunner:
         """TASKS_CREATED webhook: a job for the new tasks (when annotate_new_tasks is on)."""
         if not self.annotate_new_tasks:
             return {"handled": False, "detail": "annotate_new_tasks is off"}
-        self.sweep_projects.add(project)
+        if len(self.sweep_projects) < MAX_SWEEP_PROJECTS:
+            self.sweep_projects.add(project)
         answer = await self.start_bulk(project, task_ids or None, kind="new_tasks")
         return {"handled": answer.get("status") in (202, 409), **answer}
 

@@ -336,12 +336,18 @@ def test_write_back_refused_fails_the_job_loudly(ls, service, scenes):
     assert_exactly_one_each(ls, project, expected, service["model_version"])
 
 
-def test_detector_killed_mid_job_loses_and_duplicates_nothing(ls, service, scenes):
-    project, expected = make_project(ls, scenes, "detector killed", 200)
+def kill_mid_job(ls, service, scenes, title: str, deployment: str) -> tuple[int, dict, str]:
+    """A 200-task job; once 20 are done, the deployment's replica is SIGKILLed."""
+    project, expected = make_project(ls, scenes, title, 200)
     job_id = jobs_api(service, "POST", json={"project": project}).json()["job"]["id"]
     wait_until(lambda: jobs_api(service, "GET", f"/{job_id}").json()["job"]["done"] >= 20, 120, interval_s=0.2,
                what="20 done")
-    os.kill(replica_pid("Detector"), signal.SIGKILL)
+    os.kill(replica_pid(deployment), signal.SIGKILL)
+    return project, expected, job_id
+
+
+def test_detector_killed_mid_job_loses_and_duplicates_nothing(ls, service, scenes):
+    project, expected, job_id = kill_mid_job(ls, service, scenes, "detector killed", "Detector")
     first = wait_job(service, job_id, 400)
     assert first["state"] == "done", first  # tasks that failed with the replica are listed, not lost
     rerun = wait_job(service, jobs_api(service, "POST", json={"project": project}).json()["job"]["id"], 400)
@@ -350,11 +356,7 @@ def test_detector_killed_mid_job_loses_and_duplicates_nothing(ls, service, scene
 
 
 def test_job_runner_killed_mid_job_says_lost_and_a_rerun_resumes(ls, service, scenes):
-    project, expected = make_project(ls, scenes, "job runner killed", 200)
-    job_id = jobs_api(service, "POST", json={"project": project}).json()["job"]["id"]
-    wait_until(lambda: jobs_api(service, "GET", f"/{job_id}").json()["job"]["done"] >= 20, 120, interval_s=0.2,
-               what="20 done")
-    os.kill(replica_pid("JobRunner"), signal.SIGKILL)
+    project, expected, job_id = kill_mid_job(ls, service, scenes, "job runner killed", "JobRunner")
 
     def lost():
         answer = jobs_api(service, "GET", f"/{job_id}")
