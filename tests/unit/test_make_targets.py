@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def dry_run(target: str, venv: Path, *variables: str) -> str:
     if not shutil.which("make"):
         pytest.fail("make is one of the README's two set-up commands and must be installed")
-    return subprocess.run(["make", "-n", target, f"VENV={venv}", *variables], cwd=ROOT, capture_output=True, text=True,
-                          check=True, timeout=30).stdout
+    # --no-print-directory: under `make test` (CI) this make is a sub-make and
+    # would otherwise print "Entering directory" lines around the commands.
+    return subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}", *variables], cwd=ROOT,
+                          capture_output=True, text=True, check=True, timeout=30).stdout
 
 
 def test_make_serve_installs_once(tmp_path):
