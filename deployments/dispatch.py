@@ -62,17 +62,17 @@ class GroupDispatcher:
                  max_images_per_call: int = MAX_IMAGES_PER_CALL):
         self._send = send
         self._max_per_call = max(1, max_images_per_call)
-        self.set_max_inflight(max_inflight_images)
         self._queue: deque[_Queued] = deque()
         self._images_in_flight = 0
         self._pump_scheduled = False
+        self.set_max_inflight(max_inflight_images)
         self._running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     def set_max_inflight(self, max_inflight_images: int) -> None:
         """The in-flight bound (the JobRunner follows the Detectors' capacity)."""
         self._max_images = max(1, max_inflight_images)
         self._groups_per_queue = max(1, math.ceil(self._max_images / IMAGES_PER_BUSY_GROUP))
-        if hasattr(self, "_queue"):
+        if self._queue:  # a higher bound may let queued images go
             self._schedule_pump()
 
     async def submit(self, item, source: str, task_id, deadline: float):

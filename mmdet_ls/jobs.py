@@ -199,10 +199,6 @@ class Claims:
 PredictTask = Callable[[dict, ParsedLabelConfig], Awaitable[dict]]
 
 
-class JobCancelled(Exception):
-    pass
-
-
 class JobRun:
     """Runs one job: tasks from `feed` through `predict`, predictions
     written back in chunks, progress in `record` (saved through `on_change`).
