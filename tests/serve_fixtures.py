@@ -109,9 +109,13 @@ def start_serve_config(config: dict, num_cpus: int = 4) -> str:
     return f"http://{config['http_options']['host']}:{config['http_options']['port']}"
 
 
-def batch_size_histogram(url: str, auth=None) -> tuple[dict, float] | None:
+def batch_size_histogram(url: str, auth=None, min_images: int = 1) -> tuple[dict, float] | None:
     """The Detector's batch-size histogram from /metrics, summed over replicas:
-    (cumulative count per bucket bound, number of batches), None before any."""
+    (cumulative count per bucket bound, number of batches), None until the
+    batches hold at least min_images images. Metrics are exported every few
+    seconds, so an early read can hold only the first batches; the images are
+    counted from the buckets (exact up to 4, a lower bound above), since Ray's
+    exported _sum is not the sum of the observations."""
     import re
 
     text = requests.get(f"{url}/metrics", auth=auth, timeout=10).text
@@ -122,7 +126,12 @@ def batch_size_histogram(url: str, auth=None) -> tuple[dict, float] | None:
             buckets[float(m.group(1))] = buckets.get(float(m.group(1)), 0) + float(m.group(2))
     count = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith("ray_mmdet_ls_model_batch_size_count"))
-    return (buckets, count) if count >= 1 else None
+    images, below, seen = 0.0, 0.0, 0.0  # batches in (below, le] hold at least floor(below) + 1 images each
+    for le in sorted(b for b in buckets if b != float("inf")):
+        images += (buckets[le] - seen) * (int(below) + 1)
+        below, seen = le, buckets[le]
+    images += (count - seen) * (int(below) + 1)
+    return (buckets, count) if count >= 1 and images >= min_images else None
 
 
 def replica_actors(deployment: str, app: str = "mmdet-backend") -> dict[str, tuple]:

@@ -115,7 +115,7 @@ def check_service(world, url, model_dir, image_dir: Path, name: str, threshold: 
     regions = [r for a in answers for item in a.json()["results"] for r in item["result"]]
     assert all(r["score"] >= threshold for r in regions), sorted(r["score"] for r in regions)[:5]
     # max_batch_size (the live Detector setting): batches formed, none above it
-    buckets, count = wait_until(lambda: batch_size_histogram(url, AUTH), 60, 1, "batch size metrics")
+    buckets, count = wait_until(lambda: batch_size_histogram(url, AUTH, min_images=34), 60, 1, "batch size metrics")
     assert all(n == count for le, n in buckets.items() if le >= batch), (batch, buckets)
     assert buckets[1.0] < count, f"no batch above one image: {buckets}"
     return {"regions": len(regions)}
