@@ -20,7 +20,9 @@ from mmdet_ls.devices import parse_device
 from mmdet_ls.http_fetch import FetchLimits
 from mmdet_ls.image_sources import default_image_dir
 from mmdet_ls.images import DEFAULT_MAX_PIXELS
+from mmdet_ls.label_config import ModelOutputs
 from mmdet_ls.model_files import default_checkpoint_for, model_version
+from mmdet_ls.model_outputs import config_predicts_masks
 from mmdet_ls.settings import ENV_FALLBACKS, env_value, misplaced_arg_message
 
 DEFAULT_CONFIG = "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py"
@@ -161,6 +163,8 @@ def build_app(args: AppArgs) -> Application:
     )
     postprocess = Postprocess.options(**logged).bind()
     version = model_version(args.config_file, checkpoint_file)
+    # From the config alone (no model is loaded here): /setup checks the label config against it.
+    outputs = ModelOutputs(name=Path(args.config_file).stem, masks=config_predicts_masks(args.config_file))
     jobs = JobRunner.options(**logged).bind(
         loader,
         detector,
@@ -170,6 +174,7 @@ def build_app(args: AppArgs) -> Application:
         annotate_new_tasks=args.annotate_new_tasks,
         annotate_sweep_interval_s=args.annotate_sweep_interval_s,
         bulk_inflight_images=args.bulk_inflight_images,
+        model_outputs=outputs,
     )
     return LabelStudioIngress.options(**logged).bind(
         loader,
@@ -184,4 +189,5 @@ def build_app(args: AppArgs) -> Application:
         max_inflight_images=args.max_inflight_images,
         basic_auth_user=args.basic_auth_user,
         health_requires_auth=args.health_requires_auth,
+        model_outputs=outputs,
     )

@@ -24,7 +24,7 @@ from mmdet_ls.credentials import (
     webhook_secret_setting,
 )
 from mmdet_ls.jobs import LINGER_S
-from mmdet_ls.label_config import LabelConfigError
+from mmdet_ls.label_config import LabelConfigError, ModelOutputs
 from mmdet_ls.projects import Projects, cached_label_config, project_key
 from mmdet_ls.tasks import plan_jobs
 
@@ -111,8 +111,10 @@ class LabelStudioIngress:
         health_requires_auth: bool = False,
         max_images_per_request: int | None = None,
         body_timeout_s: float = 30.0,
+        model_outputs: ModelOutputs | None = None,
     ):
         self.detector = detector
+        self.model_outputs = model_outputs
         self.jobs = jobs
         self.model_version = model_version
         self.model_class = model_class
@@ -153,7 +155,7 @@ class LabelStudioIngress:
             return error
         schema = body.get("schema")
         try:
-            cached_label_config(schema if isinstance(schema, str) else "")
+            cached_label_config(schema if isinstance(schema, str) else "", self.model_outputs)
         except LabelConfigError as exc:
             return error_response(400, f"label config not usable: {exc}")
         project = body.get("project")
@@ -182,7 +184,7 @@ class LabelStudioIngress:
         if not isinstance(xml, str):
             return error_response(400, 'no label config: send "label_config" or call /setup for this project first')
         try:
-            config = cached_label_config(xml)
+            config = cached_label_config(xml, self.model_outputs)
         except LabelConfigError as exc:
             return error_response(400, f"label config not usable: {exc}")
 

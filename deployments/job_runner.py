@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from mmdet_ls.credentials import operator_access
 from mmdet_ls.jobs import LINGER_S, Claims, JobRecord, JobRun, TaskQueue, parse_project_config, pending_task_pages
-from mmdet_ls.label_config import LabelConfigError
+from mmdet_ls.label_config import LabelConfigError, ModelOutputs
 from mmdet_ls.labelstudio_api import LabelStudioAPI, LabelStudioAPIError
 
 from . import metrics
@@ -80,8 +80,10 @@ class JobStore:
 class JobRunner:
     def __init__(self, loader: DeploymentHandle, detector: DeploymentHandle, postprocess: DeploymentHandle,
                  model_version: str, label_studio_url: str | None = None, annotate_new_tasks: bool = False,
-                 annotate_sweep_interval_s: float = 600.0, bulk_inflight_images: int | None = None):
+                 annotate_sweep_interval_s: float = 600.0, bulk_inflight_images: int | None = None,
+                 model_outputs: ModelOutputs | None = None):
         self.model_version = model_version
+        self.model_outputs = model_outputs
         self.detector = detector
         access = operator_access(label_studio_url)
         self.access = access if access is not None and access.api_key else None
@@ -193,7 +195,7 @@ class JobRunner:
 
     async def _project_config(self, project: int):
         info = await asyncio.to_thread(self.api.project, project)
-        return parse_project_config(info.get("label_config"))
+        return parse_project_config(info.get("label_config"), self.model_outputs)
 
     # ------------------------------------------------------------ API (called by the ingress)
     def enabled(self) -> str | None:
@@ -260,7 +262,7 @@ class JobRunner:
         self.background_queues[project] = (record.id, queue)
 
         async def config_source():
-            return parse_project_config(label_config)
+            return parse_project_config(label_config, self.model_outputs)
 
         async def feed_factory(run):
             return queue

@@ -54,7 +54,8 @@ def images_total():
 
 def dropped_detections_total():
     return counter("dropped_detections",
-                   "Detections not returned, by why (below_threshold, unmapped, invalid_box, region_cap).", ("why",))
+                   "Detections not returned, by why (below_threshold, unmapped, invalid_box, empty_mask, "
+                   "region_cap).", ("why",))
 
 
 def batch_size_histogram():

@@ -20,9 +20,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
-from .label_config import LabelConfigError, ParsedLabelConfig
+from .label_config import LabelConfigError, ModelOutputs, ParsedLabelConfig
 from .labelstudio_api import LabelStudioAPIError
 from .projects import cached_label_config
+from .regions import prediction_bytes
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,6 +35,9 @@ WRITE_EVERY_S = 2.0  # predictions wait at most this long for company before a w
 # the whole project (about 1 s at 20,000 tasks), so a fast model's writes
 # must grow with its backlog rather than queue up behind small calls.
 MAX_WRITE_CHUNK = 500
+# Bytes of predictions one import carries at most, about (regions.prediction_bytes):
+# mask payloads make a prediction up to ~3 MB, so chunks are cut by size too.
+MAX_WRITE_CHUNK_BYTES = 16 * 1024 * 1024
 # A claim outlives its end this long: a /predict's, until Label Studio has
 # stored the answer; a job's, until a click Label Studio listed before the
 # write has come and gone.
@@ -219,6 +223,7 @@ class JobRun:
         self.on_change = on_change or (lambda record: None)
         self.cancel_requested = False
         self._pending_writes: list[dict] = []
+        self._pending_sizes: list[int] = []  # prediction_bytes of each pending write
         self._write_lock = asyncio.Lock()
         self._fatal: str | None = None
 
@@ -293,9 +298,11 @@ class JobRun:
             self.record.fail_task(task_id, item.get("error_reason", "error"), item.get("error", ""))
             self.claims.release(self.record.project, [task_id], self.record.id)
             return
+        size = prediction_bytes(item["result"])
         self._pending_writes.append({"task": task_id, "result": item["result"], "score": item.get("score"),
                                      "model_version": self.record.model_version})
-        if len(self._pending_writes) >= self.write_chunk:
+        self._pending_sizes.append(size)
+        if len(self._pending_writes) >= self.write_chunk or sum(self._pending_sizes) >= MAX_WRITE_CHUNK_BYTES:
             await self._write()
 
     async def _flush_every(self, seconds: float) -> None:
@@ -309,9 +316,14 @@ class JobRun:
     async def _write(self, force: bool = False) -> None:
         async with self._write_lock:
             while (self._pending_writes and not self._fatal
-                   and (force or len(self._pending_writes) >= self.write_chunk)):
-                chunk, self._pending_writes = (self._pending_writes[:MAX_WRITE_CHUNK],
-                                               self._pending_writes[MAX_WRITE_CHUNK:])
+                   and (force or len(self._pending_writes) >= self.write_chunk
+                        or sum(self._pending_sizes) >= MAX_WRITE_CHUNK_BYTES)):
+                n, size = 0, 0
+                while n < min(MAX_WRITE_CHUNK, len(self._pending_writes)) and (n == 0 or size < MAX_WRITE_CHUNK_BYTES):
+                    size += self._pending_sizes[n]
+                    n += 1
+                chunk, self._pending_writes = self._pending_writes[:n], self._pending_writes[n:]
+                self._pending_sizes = self._pending_sizes[n:]
                 await self._write_chunk(chunk)
 
     async def _write_chunk(self, chunk: list[dict]) -> None:
@@ -397,7 +409,7 @@ class TaskQueue:
         self.closed = True
 
 
-def parse_project_config(xml) -> ParsedLabelConfig:
+def parse_project_config(xml, model: ModelOutputs | None = None) -> ParsedLabelConfig:
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("the project has no label config")
-    return cached_label_config(xml)
+    return cached_label_config(xml, model)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from .label_config import RectangleTarget
+from .label_config import RegionTarget
 
 _SEPARATORS = re.compile(r"[\s_]+")
 
@@ -13,7 +13,7 @@ def normalize_class_name(name: str) -> str:
     return _SEPARATORS.sub(" ", name.strip().lower()).strip()
 
 
-def build_label_map(target: RectangleTarget) -> dict[str, str]:
+def build_label_map(target: RegionTarget) -> dict[str, str]:
     """Normalised detector class name -> Label Studio label value.
 
     When two labels claim the same class, the first one in the config wins,

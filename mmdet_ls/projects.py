@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .image_sources import LabelStudioAccess
-from .label_config import LabelConfigError, ParsedLabelConfig, parse_label_config
+from .label_config import LabelConfigError, ModelOutputs, ParsedLabelConfig, check_model_outputs, parse_label_config
 from .lru import BoundedLRU
 
 MAX_PROJECTS = 256  # /setup entries kept (least recently set up dropped); each holds a label config
@@ -16,10 +16,11 @@ def _cached_label_config(xml: str) -> ParsedLabelConfig:
     return parse_label_config(xml)
 
 
-def cached_label_config(xml: str) -> ParsedLabelConfig:
-    """Parsed config; LabelConfigError for anything the parser chokes on."""
+def cached_label_config(xml: str, model: ModelOutputs | None = None) -> ParsedLabelConfig:
+    """Parsed config; LabelConfigError for anything the parser chokes on, and
+    for a tag that needs what `model` does not predict."""
     try:
-        return _cached_label_config(xml)
+        return check_model_outputs(_cached_label_config(xml), model)
     except LabelConfigError:
         raise
     except RecursionError:

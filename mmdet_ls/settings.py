@@ -18,6 +18,8 @@ import os
 # Live setting -> the deployment whose user_config owns it.
 LIVE_SETTINGS = {
     "score_threshold": "Postprocess",
+    "polygon_tolerance_px": "Postprocess",
+    "polygon_max_points": "Postprocess",
     "max_batch_size": "Detector",
     "batch_wait_timeout_s": "Detector",
 }
@@ -80,6 +82,25 @@ def score_threshold(user_config: dict | None) -> float:
     if not 0.0 <= value <= 1.0:
         raise SettingError(f"{source} must be between 0 and 1, got {value}")
     return value
+
+
+def polygon_settings(user_config: dict | None) -> tuple[float, int]:
+    """The Postprocess's polygon simplification: (tolerance in pixels of the
+    image as displayed, most vertices per polygon); see mmdet_ls/masks.py."""
+    from .masks import DEFAULT_MAX_POINTS, DEFAULT_TOLERANCE_PX, MAX_POINTS_LIMIT
+
+    user_config = user_config or {}
+    tolerance, max_points = user_config.get("polygon_tolerance_px"), user_config.get("polygon_max_points")
+    try:
+        tolerance = DEFAULT_TOLERANCE_PX if tolerance is None else float(tolerance)
+        max_points = DEFAULT_MAX_POINTS if max_points is None else int(max_points)
+    except (TypeError, ValueError):
+        raise SettingError("Postprocess user_config: polygon_tolerance_px must be a number and polygon_max_points "
+                           f"an integer, got {tolerance!r} and {max_points!r}") from None
+    if not 0.0 < tolerance <= 100.0 or not 3 <= max_points <= MAX_POINTS_LIMIT:
+        raise SettingError(f"Postprocess user_config: polygon_tolerance_px must be in (0, 100] and polygon_max_points "
+                           f"3-{MAX_POINTS_LIMIT}, got {tolerance} and {max_points}")
+    return tolerance, max_points
 
 
 def check_user_config(deployment: str, user_config: dict | None) -> dict:

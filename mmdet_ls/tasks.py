@@ -1,6 +1,6 @@
 """Split a /predict call into image jobs and assemble the per-task answers.
 
-Bounds on what one answer carries (with label_config.MAX_RECTANGLE_TAGS and
+Bounds on what one answer carries (with label_config.MAX_REGION_TAGS and
 regions.MAX_REGIONS_PER_IMAGE):
 
 - MAX_ERROR_CHARS: an error item's message is cut to this many characters
@@ -8,6 +8,8 @@ regions.MAX_REGIONS_PER_IMAGE):
 - MAX_REGIONS_PER_RESPONSE: regions in one /predict answer, over all tasks; a
   task whose regions do not fit in what is left gets a retriable
   "too_many_regions" error item instead (ask again for fewer tasks).
+- MAX_MASK_BYTES_PER_RESPONSE: the same for mask payloads (polygon points,
+  brush RLE; regions.mask_payload_bytes).
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .failures import TaskFailure
-from .label_config import ParsedLabelConfig, RectangleTarget
-from .regions import ImageResult, mean_score
+from .label_config import ParsedLabelConfig, RegionTarget
+from .regions import ImageResult, mask_payload_bytes, mean_score
 
 MAX_ERROR_CHARS = 500
 MAX_REGIONS_PER_RESPONSE = 100_000
+MAX_MASK_BYTES_PER_RESPONSE = 32_000_000
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class ImageJob:
     task_index: int
     task_id: Any
     value: Any  # the image URL/path from task["data"]
-    targets: tuple[RectangleTarget, ...]
+    targets: tuple[RegionTarget, ...]
 
 
 def image_source(value: str) -> str:
@@ -107,10 +110,12 @@ def assemble_results(
     task_failures: dict[int, TaskFailure],
     model_version: str,
     max_regions: int = MAX_REGIONS_PER_RESPONSE,
+    max_mask_bytes: int = MAX_MASK_BYTES_PER_RESPONSE,
 ) -> list[dict]:
     """One item per task, in task order, with at most `max_regions` regions
-    in all: a task whose regions do not fit in what is left gets a retriable
-    "too_many_regions" error item (later, smaller tasks may still fit)."""
+    and `max_mask_bytes` of mask payload in all: a task whose regions do not
+    fit in what is left gets a retriable "too_many_regions" error item (later,
+    smaller tasks may still fit)."""
     regions: dict[int, list[dict]] = {}
     failures = dict(task_failures)
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -119,25 +124,27 @@ def assemble_results(
         else:
             regions.setdefault(job.task_index, []).extend(outcome.regions)
     items = []
-    left = max_regions
+    left, bytes_left = max_regions, max_mask_bytes
     for index in range(n_tasks):
         if index in failures:
             items.append(failure_item(failures[index], model_version))
             continue
         task_regions = regions.get(index, [])
-        if len(task_regions) > left:
-            items.append(failure_item(too_many_regions(max_regions), model_version))
+        task_bytes = sum(mask_payload_bytes(r) for r in task_regions)
+        if len(task_regions) > left or task_bytes > bytes_left:
+            items.append(failure_item(too_many_regions(max_regions, max_mask_bytes), model_version))
             continue
         left -= len(task_regions)
+        bytes_left -= task_bytes
         items.append(prediction_item(task_regions, model_version))
     return items
 
 
-def too_many_regions(max_regions: int) -> TaskFailure:
+def too_many_regions(max_regions: int, max_mask_bytes: int = MAX_MASK_BYTES_PER_RESPONSE) -> TaskFailure:
     return TaskFailure(
         "too_many_regions",
-        f"too many regions in one response (at most {max_regions}); this task was not predicted, "
-        "ask again for it in a call with fewer tasks",
+        f"too many regions in one response (at most {max_regions}, and {max_mask_bytes // 1_000_000} MB of mask "
+        "data); this task was not predicted, ask again for it in a call with fewer tasks",
         retriable=True,
     )
 

@@ -10,6 +10,8 @@ from pathlib import Path
 TOY_DIR = Path(__file__).resolve().parent / "toy_detector"
 TOY_CONFIG = TOY_DIR / "rtmdet_toy.py"
 TOY_CHECKPOINT = TOY_DIR / "rtmdet_toy_3class.pth"
+TOY_INS_CONFIG = TOY_DIR / "rtmdet_ins_toy.py"  # the same scenes, with instance masks
+TOY_INS_CHECKPOINT = TOY_DIR / "rtmdet_ins_toy_3class.pth"
 
 YOLOX_TINY = "yolox/yolox_tiny_8xb8-300e_coco.py"
 RTMDET_TINY = "rtmdet/rtmdet_tiny_8xb32-300e_coco.py"

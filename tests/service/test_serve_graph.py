@@ -101,6 +101,23 @@ def test_setup_returns_model_version_and_rejects_unusable_config(backend):
     assert bad_predict.status_code == 400 and "no <RectangleLabels>" in bad_predict.json()["error"]
 
 
+def test_mask_tags_with_a_box_only_model_are_refused_naming_model_and_tag(backend):
+    """The toy box model has no mask head: <PolygonLabels>/<BrushLabels> get a
+    clear error at /setup (within Label Studio's 3 s: no model is loaded) and
+    on /predict, never an empty prediction."""
+    url = backend["url"]
+    schema = ('<View><Image name="image" value="$image"/><RectangleLabels name="box" toName="image">'
+              '<Label value="Car" predicted_values="car"/></RectangleLabels><PolygonLabels name="outline" '
+              'toName="image"><Label value="Car" predicted_values="car"/></PolygonLabels><BrushLabels name="paint" '
+              'toName="image"><Label value="Car" predicted_values="car"/></BrushLabels></View>')
+    setup = requests.post(f"{url}/setup", json={"project": "3.1", "schema": schema}, timeout=3)
+    assert setup.status_code == 400, setup.text
+    for answer in (setup.json()["error"],
+                   predict(url, [ls_task(1, "/data/upload/1/c36a2d98-upload1.png")], label_config=schema).json()["error"]):
+        assert '<PolygonLabels name="outline">' in answer and '<BrushLabels name="paint">' in answer, answer
+        assert "the model rtmdet_toy predicts boxes only" in answer, answer
+
+
 def test_predict_answers_every_task_in_order_with_errors_per_task(backend):
     url, images = backend["url"], backend["images"]
     tasks = [

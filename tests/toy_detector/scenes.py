@@ -281,6 +281,17 @@ def make_scene(seed: int, width: Optional[int] = None, height: Optional[int] = N
     Objects never overlap (boxes are at least a few pixels apart).  The same
     arguments always give the same image.
     """
+    return _render_scene(seed, width, height, with_masks=False)
+
+
+def make_scene_with_masks(seed: int, width: Optional[int] = None, height: Optional[int] = None):
+    """``make_scene`` (the same pixels and boxes) whose objects also carry
+    ``'mask'``: a bool ``H x W`` array, True exactly where the object was
+    painted (its box is the mask's extent)."""
+    return _render_scene(seed, width, height, with_masks=True)
+
+
+def _render_scene(seed, width, height, with_masks: bool):
     rng = np.random.default_rng([int(seed), 0x70D])
     W = int(width) if width is not None else _uint(rng, MIN_SIDE, MAX_SIDE)
     H = int(height) if height is not None else _uint(rng, MIN_SIDE, MAX_SIDE)
@@ -314,7 +325,12 @@ def make_scene(seed: int, width: Optional[int] = None, height: Optional[int] = N
     for (x, y, _, _), label, layer, mask in placed:
         canvas.paste(layer, (x, y), mask)
         bx1, by1, bx2, by2 = mask.getbbox()
-        objects.append({'bbox': [x + bx1, y + by1, x + bx2, y + by2], 'label': label})
+        obj = {'bbox': [x + bx1, y + by1, x + bx2, y + by2], 'label': label}
+        if with_masks:  # painted pixels only: the paste mask is 0 or 255 (no anti-aliasing)
+            full = np.zeros((H, W), dtype=bool)
+            full[y:y + mask.height, x:x + mask.width] = np.asarray(mask) > 0
+            obj['mask'] = full
+        objects.append(obj)
     # mild global sensor noise over objects too (deterministic)
     arr = np.asarray(canvas, dtype=np.float32)
     arr += rng.normal(0, float(rng.uniform(0, 5)), arr.shape).astype(np.float32)
@@ -345,16 +361,30 @@ def _variant(seed: int, variety: bool, grayscale_frac: float):
     return width, height, gray
 
 
+def mask_to_coco_rle(mask: np.ndarray) -> dict:
+    """Uncompressed COCO RLE of a bool H x W mask (column-major runs,
+    starting with a run of zeros); pycocotools and mmdet read it."""
+    flat = np.asarray(mask, dtype=bool).flatten(order='F')
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {'size': [int(mask.shape[0]), int(mask.shape[1])], 'counts': [int(c) for c in counts]}
+
+
 def write_coco_dataset(out_dir, n_images: int, seed_offset: int = 0, *, variety: bool = True,
                        grayscale_frac: float = 0.2, image_format: str = 'jpg',
-                       jpeg_quality: int = 92) -> str:
+                       jpeg_quality: int = 92, with_masks: bool = False) -> str:
     """Write scenes ``seed_offset .. seed_offset + n_images - 1`` as a COCO
     detection dataset: ``out_dir/images/<seed>.jpg`` and
     ``out_dir/annotations.json`` (category ids 1..3 in ``CLASSES`` order).
 
     With ``variety`` about 30 % of the images are larger (up to 1280 px) or
     elongated (aspect up to 2.6), and ``grayscale_frac`` of them are stored
-    as grayscale.  Returns the path of the json file.
+    as grayscale.  With ``with_masks`` every annotation also holds its exact
+    mask as COCO RLE (``segmentation``) and ``area`` is the mask's pixel
+    count.  Returns the path of the json file.
     """
     out_dir = os.fspath(out_dir)
     img_dir = os.path.join(out_dir, 'images')
@@ -364,7 +394,7 @@ def write_coco_dataset(out_dir, n_images: int, seed_offset: int = 0, *, variety:
     for i in range(n_images):
         seed = seed_offset + i
         width, height, gray = _variant(seed, variety, grayscale_frac)
-        img, objects = make_scene(seed, width, height)
+        img, objects = _render_scene(seed, width, height, with_masks)
         if gray:
             img = to_grayscale(img)
         fname = f'{seed:08d}.{image_format}'
@@ -378,11 +408,15 @@ def write_coco_dataset(out_dir, n_images: int, seed_offset: int = 0, *, variety:
                        'height': img.height, 'seed': seed, 'grayscale': gray})
         for obj in objects:
             x1, y1, x2, y2 = obj['bbox']
-            annotations.append({
+            ann = {
                 'id': ann_id, 'image_id': image_id,
                 'category_id': CLASSES.index(obj['label']) + 1,
                 'bbox': [x1, y1, x2 - x1, y2 - y1], 'area': (x2 - x1) * (y2 - y1),
-                'iscrowd': 0})
+                'iscrowd': 0}
+            if with_masks:
+                ann['segmentation'] = mask_to_coco_rle(obj['mask'])
+                ann['area'] = int(obj['mask'].sum())
+            annotations.append(ann)
             ann_id += 1
     coco = {
         'images': images,

@@ -2,6 +2,14 @@
 small checkpoint for the service tests.
 
     nice -n 10 .venv/bin/python tests/toy_detector/train.py
+    nice -n 10 .venv/bin/python tests/toy_detector/train.py --masks   # the RTMDet-Ins model
+
+``--masks`` trains ``rtmdet_ins_toy.py`` (instance masks) instead: the
+scenes carry their exact masks (COCO RLE), the run starts from the box
+model's backbone and neck (``load_from``; the head from its init: mmdet's
+RTMDetInsSepBNHead shares one tower for classes and boxes, unlike the box
+model's head), 2000 iterations, and writes
+``rtmdet_ins_toy_3class.pth``. Otherwise as below.
 
 1. writes 2000 training scenes (seeds 0..1999) and 100 validation scenes
    (seeds 500000..500099) as COCO datasets into a temporary directory,
@@ -32,6 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 CONFIG = os.path.join(HERE, 'rtmdet_toy.py')
 DEFAULT_OUT = os.path.join(HERE, 'rtmdet_toy_3class.pth')
+INS_CONFIG = os.path.join(HERE, 'rtmdet_ins_toy.py')
+INS_OUT = os.path.join(HERE, 'rtmdet_ins_toy_3class.pth')
 TRAIN_SEED_OFFSET = 0
 VAL_SEED_OFFSET = 500_000
 
@@ -78,12 +88,16 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--n-train', type=int, default=2000)
     ap.add_argument('--n-val', type=int, default=100)
-    ap.add_argument('--iters', type=int, default=3000)
+    ap.add_argument('--masks', action='store_true', help='train the instance-mask model (rtmdet_ins_toy.py)')
+    ap.add_argument('--iters', type=int, default=None, help='default: 3000, or 2000 with --masks')
     ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--out', default=DEFAULT_OUT)
+    ap.add_argument('--out', default=None, help='default: rtmdet_toy_3class.pth / rtmdet_ins_toy_3class.pth')
     ap.add_argument('--work-dir', default=None,
                     help='keep data, logs and the full checkpoint here (default: temp dir, removed)')
     args = ap.parse_args(argv)
+    config = INS_CONFIG if args.masks else CONFIG
+    args.iters = args.iters or (2000 if args.masks else 3000)
+    args.out = args.out or (INS_OUT if args.masks else DEFAULT_OUT)
 
     t_start = time.time()
     import torch
@@ -95,13 +109,15 @@ def main(argv=None) -> int:
     os.makedirs(work, exist_ok=True)
     data_root = os.path.join(work, 'data')
     print(f'writing {args.n_train} train + {args.n_val} val scenes to {data_root}', flush=True)
-    write_coco_dataset(os.path.join(data_root, 'train'), args.n_train, TRAIN_SEED_OFFSET)
-    write_coco_dataset(os.path.join(data_root, 'val'), args.n_val, VAL_SEED_OFFSET)
+    write_coco_dataset(os.path.join(data_root, 'train'), args.n_train, TRAIN_SEED_OFFSET, with_masks=args.masks)
+    write_coco_dataset(os.path.join(data_root, 'val'), args.n_val, VAL_SEED_OFFSET, with_masks=args.masks)
     t_data = time.time()
     print(f'data written in {t_data - t_start:.0f} s', flush=True)
 
-    cfg = Config.fromfile(CONFIG)
+    cfg = Config.fromfile(config)
     set_data_root(cfg, data_root)
+    if args.masks:
+        cfg.load_from = DEFAULT_OUT  # the box model's backbone and neck
     cfg.work_dir = os.path.join(work, 'work_dir')
     cfg.train_cfg.max_iters = args.iters
     cfg.train_cfg.val_interval = args.iters
@@ -126,7 +142,7 @@ def main(argv=None) -> int:
         'mmdet_version': mmdet.__version__,
         'iters': int(args.iters),
         'n_train_images': int(args.n_train),
-        'trained_with': 'tests/toy_detector/train.py',
+        'trained_with': 'tests/toy_detector/train.py' + (' --masks' if args.masks else ''),
     })
     size_mb = os.path.getsize(args.out) / 2**20
     print(f'wrote {args.out} ({size_mb:.1f} MiB)')

@@ -237,3 +237,32 @@ def test_record_progress_and_lost_message():
     public = record.public()
     assert public["state"] == "lost" and "make annotate PROJECT=7" in public["message"]
     assert JobRecord.from_public(public) == record
+
+
+def test_heavy_mask_predictions_are_written_in_imports_cut_by_size():
+    """Brush masks make a prediction weigh up to megabytes: an import carries
+    at most MAX_WRITE_CHUNK_BYTES (one prediction alone may exceed it), so no
+    import body grows with the chunk count."""
+    from mmdet_ls.jobs import MAX_WRITE_CHUNK_BYTES
+    from mmdet_ls.regions import prediction_bytes
+
+    api = LabelStudioInMemory(30)
+    sizes: list[int] = []
+    real_import = api.import_predictions
+
+    def measuring_import(project, items):
+        sizes.append(sum(prediction_bytes(i["result"]) for i in items))
+        return real_import(project, items)
+
+    api.import_predictions = measuring_import
+    heavy = {"type": "brushlabels", "value": {"format": "rle", "rle": [7] * 1_000_000, "brushlabels": ["Car"]}}
+    assert prediction_bytes([heavy]) > MAX_WRITE_CHUNK_BYTES // 5
+
+    async def predict_heavy(task, config):
+        return {"result": [heavy], "score": 0.9, "model_version": VERSION}
+
+    record, _ = run_job(api, predict=predict_heavy)
+    assert record.state == "done" and record.written == 30 and len(api.stored) == 30
+    one = prediction_bytes([heavy])
+    assert len(sizes) >= 30 * one // (MAX_WRITE_CHUNK_BYTES + one)
+    assert all(size < MAX_WRITE_CHUNK_BYTES + one for size in sizes), sizes

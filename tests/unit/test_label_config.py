@@ -48,7 +48,7 @@ def test_multiple_rectangle_image_pairs():
         ("", "empty"),
         ("<View><Image name='i' value='$i'/>", "not valid XML"),
         ("not xml at all", "not valid XML"),
-        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'/></View>", "no <RectangleLabels>"),
+        ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'/></View>", "no <RectangleLabels>, <PolygonLabels> or <BrushLabels>"),
         ("<View><RectangleLabels name='l' toName='nope'><Label value='a'/></RectangleLabels></View>",
          "does not point to an <Image>"),
         ("<View><Image name='i' value='$i'/><RectangleLabels name='l' toName='i'/></View>", "no <Label"),
@@ -87,19 +87,41 @@ def _rectangles(n: int, name_len: int = 1, label: str = "Car") -> str:
     return f'<View><Image name="image" value="$image"/>{tags}</View>'
 
 
-def test_rectangle_tags_are_capped_per_config():
-    from mmdet_ls.label_config import MAX_RECTANGLE_TAGS
+def test_region_tags_are_capped_per_config_all_kinds_together():
+    from mmdet_ls.label_config import MAX_REGION_TAGS
 
-    assert MAX_RECTANGLE_TAGS == 16
+    assert MAX_REGION_TAGS == 16
     assert len(parse_label_config(_rectangles(16)).targets) == 16
     with pytest.raises(LabelConfigError) as info:
         parse_label_config(_rectangles(17))
     assert str(info.value) == (
-        "label config has 17 <RectangleLabels> tags; at most 16 are supported in one config "
-        "(each tag repeats every detection as its own regions)"
+        "label config has 17 region tags (<RectangleLabels>, <PolygonLabels>, <BrushLabels>); at most 16 are "
+        "supported in one config (each tag repeats every detection as its own regions)"
     )
-    with pytest.raises(LabelConfigError, match="has 5000 <RectangleLabels> tags; at most 16"):
+    mixed = _rectangles(15).replace("</View>", '<PolygonLabels name="p" toName="image"><Label value="Car"/>'
+                                    '</PolygonLabels><BrushLabels name="b" toName="image"><Label value="Car"/>'
+                                    "</BrushLabels></View>")
+    with pytest.raises(LabelConfigError, match="has 17 region tags"):
+        parse_label_config(mixed)
+    with pytest.raises(LabelConfigError, match="has 5000 region tags"):
         parse_label_config(_rectangles(5000))
+
+
+def test_polygon_and_brush_tags_are_targets_of_their_kind():
+    config = parse_label_config(
+        '<View><Image name="img" value="$image"/>'
+        '<RectangleLabels name="box" toName="img"><Label value="Car" predicted_values="car,truck"/></RectangleLabels>'
+        '<polygonlabels name="outline" toName="img" model_score_threshold="0.7"><Label value="Person"/>'
+        "</polygonlabels>"
+        '<BrushLabels name="paint" toName="img"><Label value="Plane" predicted_values="airplane"/></BrushLabels>'
+        "</View>")
+    assert [(t.from_name, t.kind, t.needs_masks) for t in config.targets] == [
+        ("box", "rectanglelabels", False), ("outline", "polygonlabels", True), ("paint", "brushlabels", True)]
+    assert [t.from_name for t in config.mask_targets] == ["outline", "paint"]
+    assert config.targets[1].score_threshold == 0.7 and config.targets[1].tag == '<PolygonLabels name="outline">'
+    assert config.targets[2].labels[0].predicted_values == ("airplane",)
+    with pytest.raises(LabelConfigError, match='<BrushLabels name="b"> has no <Label'):
+        parse_label_config('<View><Image name="i" value="$i"/><BrushLabels name="b" toName="i"/></View>')
 
 
 def test_names_repeated_in_every_region_are_capped():

@@ -1,4 +1,4 @@
-from mmdet_ls.label_config import LabelSpec, RectangleTarget, parse_label_config
+from mmdet_ls.label_config import LabelSpec, RegionTarget, parse_label_config
 from mmdet_ls.label_mapping import build_label_map, normalize_class_name
 
 # The labels as the original (seed) backend's README lists them.
@@ -30,7 +30,7 @@ def test_all_80_seed_labels_map_to_mmdet3_coco_classes():
 
 
 def test_several_classes_into_one_label_and_normalisation():
-    target = RectangleTarget(
+    target = RegionTarget(
         "l", "i", "image",
         (LabelSpec("Vehicle", ("car", "Truck ", "motor_cycle")), LabelSpec("Car", ("car",))),
     )

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from mmdet_ls.label_config import LabelSpec, RectangleTarget
+from mmdet_ls.label_config import LabelSpec, RegionTarget
 from mmdet_ls.regions import Detections, RegionStats, box_to_percent, detections_to_regions
 
-TARGET = RectangleTarget("label", "image", "image", (LabelSpec("Car", ("car", "truck")), LabelSpec("Person", ("person",))))
+TARGET = RegionTarget("label", "image", "image", (LabelSpec("Car", ("car", "truck")), LabelSpec("Person", ("person",))))
 
 
 def dets(boxes, scores, names, w=200, h=100):
@@ -41,7 +41,7 @@ def test_regions_have_label_studio_shape_threshold_and_mapping():
 
 
 def test_tag_threshold_overrides_global():
-    target = RectangleTarget("label", "image", "image", TARGET.labels, score_threshold=0.95)
+    target = RegionTarget("label", "image", "image", TARGET.labels, score_threshold=0.95)
     d = dets([[0, 0, 10, 10], [0, 0, 20, 20]], [0.9, 0.97], ["car", "car"])
     assert [r["score"] for r in detections_to_regions(d, target, 0.1)] == [pytest.approx(0.97)]
 
@@ -69,7 +69,7 @@ def test_regions_are_capped_per_image_over_all_tags_best_scores_kept():
     boxes = [[i % 150, 0, i % 150 + 20, 50] for i in range(n)]
     scores = [0.5 + 0.004 * i for i in range(n)]  # 0.5 .. 0.896, all above the threshold
     d = dets(boxes, scores, ["car"] * n)
-    targets = [RectangleTarget(f"label{t}", "image", "image", TARGET.labels) for t in range(16)]
+    targets = [RegionTarget(f"label{t}", "image", "image", TARGET.labels) for t in range(16)]
     result = image_result(d, targets, 0.1)  # 16 tags x 100 detections = 1600 candidate regions
     assert len(result.regions) == 1000
     assert (result.stats.kept, result.stats.over_cap) == (1000, 600)

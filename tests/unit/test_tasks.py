@@ -74,8 +74,8 @@ def test_regions_are_capped_per_response():
     items = assemble_results(103, jobs, outcomes, failures, "v1")
     assert all(len(item["result"]) == 1000 for item in items[:100])
     assert items[100] == {
-        "error": "too many regions in one response (at most 100000); this task was not predicted, "
-                 "ask again for it in a call with fewer tasks",
+        "error": "too many regions in one response (at most 100000, and 32 MB of mask data); this task was not "
+                 "predicted, ask again for it in a call with fewer tasks",
         "error_reason": "too_many_regions", "retriable": True, "model_version": "v1",
     }
     assert items[101] == {"result": [], "score": 0.0, "model_version": "v1"}
@@ -84,6 +84,27 @@ def test_regions_are_capped_per_response():
     # Any cap, same rule.
     small = assemble_results(3, jobs[:3], [ImageResult([region] * 2)] * 3, {}, "v1", max_regions=5)
     assert [len(i.get("result", [])) for i in small] == [2, 2, 0] and small[2]["error_reason"] == "too_many_regions"
+
+
+def test_mask_payloads_are_capped_per_response():
+    """Brush RLE and polygon points count against their own response budget:
+    a task whose masks do not fit gets the retriable error, smaller later ones fit."""
+    from mmdet_ls.regions import mask_payload_bytes
+    from mmdet_ls.tasks import MAX_MASK_BYTES_PER_RESPONSE
+
+    config = parse_label_config(
+        '<View><Image name="a" value="$image"/><BrushLabels name="b" toName="a"><Label value="Car"/>'
+        "</BrushLabels></View>")
+    jobs, failures = plan_jobs([{"id": i, "data": {"image": f"http://x/{i}.png"}} for i in range(4)], config)
+    brush = {"score": 0.9, "type": "brushlabels", "value": {"format": "rle", "rle": [1] * 1000, "brushlabels": ["Car"]}}
+    polygon = {"score": 0.9, "type": "polygonlabels", "value": {"points": [[1, 1]] * 10, "polygonlabels": ["Car"]}}
+    assert mask_payload_bytes(brush) == 4000 and mask_payload_bytes(polygon) == 180
+    outcomes = [ImageResult([brush] * 2), ImageResult([brush] * 2), ImageResult([polygon]), ImageResult([brush])]
+    items = assemble_results(4, jobs, outcomes, failures, "v1", max_mask_bytes=12_000)
+    assert [len(i.get("result", [])) for i in items] == [2, 0, 1, 0]
+    assert items[1]["error_reason"] == "too_many_regions" and items[1]["retriable"] is True
+    assert "32 MB of mask data" in assemble_results(1, jobs[:1], [ImageResult([brush] * 9000)], {}, "v1")[0]["error"]
+    assert 9000 * 4000 > MAX_MASK_BYTES_PER_RESPONSE
 
 
 def test_overflow_item_is_compact_and_shaped_like_other_errors():
