@@ -2,12 +2,14 @@
 # config, self-contained: no `_base_`, no pretrained weights, nothing is
 # downloaded).
 #
-# The toy RTMDet of rtmdet_toy.py (same backbone, neck and input size) with
-# RTMDet-Ins's head (dynamic mask kernels, DiceLoss), so `pred_instances`
-# carry `masks`. train.py --masks starts from the box model's backbone and
+# The toy RTMDet of rtmdet_toy.py (same backbone and neck) with RTMDet-Ins's
+# head (dynamic mask kernels, DiceLoss), so `pred_instances` carry `masks`,
+# at a 480 px input (masks come from stride-8 features: 320 px left thin
+# parts too coarse). train.py --masks starts from the box model's backbone and
 # neck (load_from; mmdet's RTMDetInsSepBNHead shares one tower for classes and
-# boxes, so the box head does not carry over) and trains on scenes with exact
-# masks (scenes.make_scene_with_masks, COCO RLE); see README.md there.
+# boxes, so the box head does not carry over), trains at 320 px, then
+# fine-tunes at 480 px, on scenes with exact masks (scenes.make_scene_with_masks,
+# COCO RLE); see README.md there.
 #
 # Inference: as rtmdet_toy.py (BGR uint8 arrays; LoadImageFromNDArray).
 
@@ -15,7 +17,7 @@ default_scope = 'mmdet'
 
 classes = ('car', 'airplane', 'person')
 metainfo = dict(classes=classes, palette=[(220, 20, 60), (0, 60, 230), (0, 160, 0)])
-img_scale = (320, 320)
+img_scale = (480, 480)  # stage 1 of train.py --masks trains at 320
 data_root = 'data/toy_detector/'  # placeholder, overridden by the scripts
 backend_args = None
 
