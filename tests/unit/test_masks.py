@@ -13,6 +13,7 @@ import pickle
 
 import numpy as np
 import pytest
+from mask_fixtures import rasterize
 from toy_detector.scenes import make_scene_with_masks
 
 from mmdet_ls.masks import (
@@ -29,30 +30,6 @@ from mmdet_ls.masks import (
 
 
 # ----------------------------------------------------------------- helpers --
-def rasterize(polygons, height: int, width: int) -> np.ndarray:
-    """Bool (height, width): pixels whose centre is inside or on any polygon."""
-    out = np.zeros((height, width), dtype=bool)
-    for poly in polygons:
-        poly = np.asarray(poly, dtype=np.float64)
-        x0, y0 = max(0, int(np.floor(poly[:, 0].min())) - 1), max(0, int(np.floor(poly[:, 1].min())) - 1)
-        x1, y1 = min(width, int(np.ceil(poly[:, 0].max())) + 1), min(height, int(np.ceil(poly[:, 1].max())) + 1)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        ys, xs = np.mgrid[y0:y1, x0:x1]
-        cx, cy = xs.ravel() + 0.5, ys.ravel() + 0.5
-        inside = np.zeros(cx.size, dtype=bool)
-        on = np.zeros(cx.size, dtype=bool)
-        for (ax, ay), (bx, by) in zip(poly, np.roll(poly, -1, axis=0)):
-            cross = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
-            on |= ((np.abs(cross) <= 1e-9) & (np.minimum(ax, bx) - 1e-9 <= cx) & (cx <= np.maximum(ax, bx) + 1e-9)
-                   & (np.minimum(ay, by) - 1e-9 <= cy) & (cy <= np.maximum(ay, by) + 1e-9))
-            if ay != by:
-                crosses = (ay > cy) != (by > cy)
-                inside ^= crosses & (cx < ax + (cy - ay) * (bx - ax) / (by - ay))
-        out[y0:y1, x0:x1] |= (inside | on).reshape(y1 - y0, x1 - x0)
-    return out
-
-
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
 
