@@ -288,8 +288,9 @@ def test_unusable_label_configs(svc):
         billion_laughs: "label config not usable: label config uses forbidden XML features (DTDForbidden): "
                         "DTDs and entities are not allowed",
         '<View><Image name="image" value="$image"/><Choices name="c" toName="image"><Choice value="a"/></Choices>'
-        "</View>": "label config not usable: label config has no <RectangleLabels> tag: this backend predicts "
-                   'bounding boxes, add e.g. <RectangleLabels name="label" toName="image"> with <Label> children',
+        "</View>": "label config not usable: label config has no <RectangleLabels>, <PolygonLabels> or <BrushLabels> "
+                   "tag: this backend predicts boxes and instance masks, add e.g. <RectangleLabels name=\"label\" "
+                   'toName="image"> with <Label> children',
         "<a>" * 5000 + "</a>" * 5000: "label config not usable: label config is nested too deeply",
         "<View>\ud800</View>": "label config not usable: label config is not valid text: UnicodeEncodeError",
     }
