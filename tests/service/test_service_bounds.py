@@ -241,7 +241,7 @@ def test_basic_auth_scheme_is_case_insensitive(svc):
 
 
 # ------------------------------------------------------------------ label config
-def test_rectangle_tags_are_capped_per_label_config(svc):
+def test_region_tags_are_capped_per_label_config(svc):
     url = svc["url"]
 
     def config(n):
@@ -249,8 +249,9 @@ def test_rectangle_tags_are_capped_per_label_config(svc):
                        for i in range(n))
         return f'<View><Image name="image" value="$image"/>{tags}</View>'
 
-    message = ("label config not usable: label config has 3000 <RectangleLabels> tags; at most 16 are supported in "
-               "one config (each tag repeats every detection as its own regions)")
+    message = ("label config not usable: label config has 3000 region tags (<RectangleLabels>, <PolygonLabels>, "
+               "<BrushLabels>); at most 16 are supported in one config (each tag repeats every detection as its own "
+               "regions)")
     resp = post(url, "/predict", {"tasks": [task(1, "/data/upload/1/a.png")], "label_config": config(3000)})
     assert resp.status_code == 400 and resp.json() == {"status": "error", "error": message}
     resp = post(url, "/setup", {"project": "3.1", "schema": config(3000)})
