@@ -211,7 +211,8 @@ class Service:
         a service running for hours never sees. Records how long it took and
         the last window's busy cores."""
         def busy_ticks():
-            fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
             return sum(fields) - fields[3] - fields[4], sum(fields)  # busy (not idle/iowait), all
 
         start = time.monotonic()
