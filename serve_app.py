@@ -107,8 +107,19 @@ class AppArgs(BaseModel):
         return str(Path(self.image_dir or default_image_dir()).expanduser())
 
 
+# Model processes a CPU-only machine runs by default. Measured on 2 cores
+# (bench/results/gap-*.json, docs/performance.md "Two model processes"):
+# one image uses about 1.45 of 2 cores (its Python and single-threaded parts
+# leave a core idle), so two replicas of half the cores each overlap two
+# images: 1.2-1.4x the images/s of one replica on every core, at some
+# single-image latency. Two, not one per core: each is a copy of the model.
+CPU_DETECTOR_REPLICAS = 2
+
+
 def this_node_cpus() -> float:
-    """CPUs of the Ray node building the app (the machine, for `serve run`)."""
+    """CPUs of the Ray node building the app (the machine, for `serve run`),
+    at most the cores this process may run on: a node can declare more CPUs
+    than its machine has, but never run more threads at once."""
     try:
         import ray
 
@@ -118,7 +129,29 @@ def this_node_cpus() -> float:
         cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node_id), 0)
     except Exception:
         cpus = 0
-    return float(cpus or usable_cores())
+    return float(min(cpus, usable_cores()) if cpus else usable_cores())
+
+
+def cluster_has_gpus() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:
+        return False
+
+
+def detector_defaults(device: str) -> dict:
+    """The Detector's replicas and resources where the serve config sets none:
+    on a CPU machine, CPU_DETECTOR_REPLICAS replicas sharing its cores (torch
+    threads follow each one's reservation); with a GPU in sight, one replica.
+    The serve config's num_replicas / autoscaling_config / ray_actor_options
+    win over these."""
+    cpus = this_node_cpus()
+    on_cpu = parse_device(device) == "cpu" or (parse_device(device) == "auto" and not cluster_has_gpus())
+    replicas = CPU_DETECTOR_REPLICAS if on_cpu and cpus >= CPU_DETECTOR_REPLICAS else 1
+    return {"num_replicas": replicas,
+            "ray_actor_options": {"num_cpus": float(int(cpus) // replicas) if replicas > 1 else cpus, "num_gpus": 0}}
 
 
 def build_app(args: AppArgs) -> Application:
@@ -133,10 +166,10 @@ def build_app(args: AppArgs) -> Application:
     # Deployment options belong to the serve config; only logging is set here,
     # because LOG_LEVEL / log_level is its documented owner.
     logged = {"logging_config": {"log_level": args.log_level}} if args.log_level else {}
-    # Unless the serve config reserves the Detector's resources, it reserves
-    # every CPU of this machine, and runs that many torch threads: the other
+    # Unless the serve config sets them, the Detector's replicas share every
+    # CPU of this machine (torch threads follow each reservation): the other
     # deployments reserve none (docs/performance.md: the measured rule).
-    detector_resources = {"ray_actor_options": {"num_cpus": this_node_cpus(), "num_gpus": 0}}
+    detector_resources = detector_defaults(args.device)
 
     loader = ImageLoader.options(**logged).bind(
         image_dir=args.resolved_image_dir(),

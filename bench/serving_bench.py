@@ -58,6 +58,7 @@ LABEL_CONFIG = (
     '<Label value="Airplane" predicted_values="airplane"/></RectangleLabels></View>'
 )
 UPLOAD_SUBDIR = "1"  # tasks say /data/upload/1/<name>, as Label Studio's uploads do
+LONE_CALLS = 5  # sequential one-task calls per source: their median is a lone image's latency
 
 
 # ----------------------------------------------------------------- images
@@ -139,7 +140,7 @@ class Service:
     everything else from the environment `env`."""
 
     def __init__(self, tmp: Path, env: dict, args_update: dict | None = None, noop: bool = False,
-                 shipped: str = "serve_config.yaml", detector_cpus: float | None = None):
+                 shipped: str = "serve_config.yaml", detector_layout: tuple[int, float] | None = None):
         from tests.serve_fixtures import free_port
 
         base = yaml.safe_load((ROOT / shipped).read_text())
@@ -149,10 +150,10 @@ class Service:
         app.setdefault("args", {}).update(args_update or {})
         if noop:
             app["import_path"] = "bench.noop_app:build_app"
-        if detector_cpus is not None:  # the thread-rule comparison only
+        if detector_layout is not None:  # the thread-rule comparison only: (replicas, CPUs each)
             for dep in app["deployments"]:
                 if dep["name"] == "Detector":
-                    dep["ray_actor_options"] = {"num_cpus": detector_cpus}
+                    dep["num_replicas"], dep["ray_actor_options"] = detector_layout[0], {"num_cpus": detector_layout[1]}
         self.config = tmp / f"serve_config.bench.{self.port}.yaml"
         self.config.write_text(yaml.safe_dump(base, sort_keys=False))
         self.config_text = self.config.read_text()
@@ -305,6 +306,8 @@ def shapes(svc: Service, sources: dict[str, list[str]], n_tasks: int, calls_n: i
                                    **percentiles(latencies), "health_max_ms": 1000 * max(sampler.health_s, default=0.0),
                                    "rss_mib_max": max(sampler.rss, default=None),
                                    "error_items": svc.errors - errors_before}
+        # One annotator opening tasks one after another: a lone image's latency.
+        point["lone_task_s"] = sorted(svc.predict([urls[i % len(urls)]]) for i in range(LONE_CALLS))[LONE_CALLS // 2]
         out[source] = point
         print(f"    {source}: N={n_tasks} {point['predict_n']['images_per_s']:.3f} img/s, "
               f"C={concurrency} {point['one_task_calls']['images_per_s']:.3f} img/s", flush=True)
@@ -375,15 +378,18 @@ def summary(results: dict) -> list[str]:
     for name, m in results["models"].items():
         floor = m["raw_floor"]["eager"]["images_per_s"]
         accel = m["raw_floor"]["auto"]["acceleration"]
-        lines.append(f"{name}: raw floor eager {floor:.3f} img/s, auto {m['raw_floor']['auto']['images_per_s']:.3f} "
-                     f"({accel['mode']}: {accel['reason']})")
+        after = m["raw_floor"].get("eager_after", {}).get("images_per_s")
+        lines.append(f"{name}: raw floor eager {floor:.3f} img/s"
+                     + (f" ({after:.3f} after the services)" if after else "")
+                     + f", auto {m['raw_floor']['auto']['images_per_s']:.3f} ({accel['mode']}: {accel['reason']})")
         for accel, run in m["served"].items():
             for source, point in run["shapes"].items():
                 n, c = point["predict_n"], point["one_task_calls"]
                 errors = n.get("error_items", 0) + c.get("error_items", 0)
-                lines.append(f"  {accel:<6} {source:<10} N={n['n']}: {n['images_per_s'] / floor:.2f}x  "
+                lines.append(f"  {accel:<6.27} {source:<10} N={n['n']}: {n['images_per_s'] / floor:.2f}x  "
                              f"C={c['c']}: {c['images_per_s'] / floor:.2f}x  (health max "
                              f"{max(n['health_max_ms'], c['health_max_ms']):.0f} ms"
+                             + (f", lone task {point['lone_task_s']:.2f} s" if "lone_task_s" in point else "")
                              + (f", {errors} error items" if errors else "") + ")")
     ceiling = results.get("noop_ceiling")
     if ceiling:
@@ -414,7 +420,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer images, for a smoke run")
     p.add_argument("--no-noop", action="store_true", help="skip the no-op ceiling")
     p.add_argument("--thread-rule", action="store_true",
-                   help="also serve eager with the Detector reserving one core less (the thread rule's evidence)")
+                   help="also serve eager with one Detector replica on every core (the replica rule's evidence)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     opts = p.parse_args()
     if opts.raw_floor:
@@ -457,14 +463,16 @@ def main() -> None:
                 results["models"][name] = {"config": model, "raw_floor": floor, "served": served}
                 save(results, path)
                 if opts.thread_rule and opts.threads > 1:
-                    # Rule check: the Detector on every core (the shipped default) vs one core left to the rest.
-                    print(f"[{name}] served eager, Detector reserving {opts.threads - 1} CPUs ...", flush=True)
+                    # Rule check: the shipped default (two replicas sharing the cores) vs one
+                    # replica on every core (the previous default), eager, every source.
+                    print(f"[{name}] served eager, one Detector replica on all {opts.threads} cores ...", flush=True)
                     with Service(tmp, env, {**args, "model_acceleration": "eager"},
-                                 detector_cpus=opts.threads - 1) as svc:
-                        served["eager_cores_minus_1"] = {
-                            "ready": svc.ready_line(), "idle_rss_mib": svc.rss_mib(),
-                            "shapes": shapes(svc, {"http_0ms": sources["http_0ms"]}, n_tasks // 2, n_tasks // 2,
-                                             opts.concurrency)}
+                                 detector_layout=(1, opts.threads)) as svc:
+                        served["eager_one_replica_all_cores"] = {
+                            "ready": svc.ready_line(), "idle_rss_mib": svc.rss_mib(), "settled": svc.settled,
+                            "shapes": shapes(svc, sources, n_tasks, n_tasks, opts.concurrency)}
+                # The machine's speed drifts over minutes: the floor again, after the services.
+                floor["eager_after"] = measure_raw_floor(model, checkpoint, paths, opts.threads, count, "eager")
                 results["models"][name] = {"config": model, "raw_floor": floor, "served": served}
                 save(results, path)  # a later failure keeps what was measured
             if not opts.no_noop:

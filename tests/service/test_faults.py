@@ -215,8 +215,10 @@ def test_replica_killed_mid_flight_loses_no_task(svc, deployment):
 
     url, web = svc["url"], svc["web"]
     before = replica_actors(deployment)
-    assert len(before) == 1, before
-    ((actor, pid),) = before.values()
+    # The shipped CPU config runs two Detector replicas (one model process per
+    # core here): the one found holding requests is killed.
+    assert len(before) == (2 if deployment == "Detector" else 1), before
+    (actor, pid) = next(iter(before.values()))
     first_id = {"Detector": 1000, "ImageLoader": 2000, "Postprocess": 3000}[deployment]
     calls = [[task(first_id + c * TASKS_PER_CALL + k, f"{web.url}/img{(c * TASKS_PER_CALL + k) % 24}.png")
               for k in range(TASKS_PER_CALL)] for c in range(CALLS)]
@@ -236,9 +238,12 @@ def test_replica_killed_mid_flight_loses_no_task(svc, deployment):
                 wait_until(lambda: len(arrivals) >= CALLS, 30, 0.01, "image downloads to start")
             elif deployment == "Detector":
                 def busy():
-                    n = ray.get(actor.get_num_ongoing_requests.remote(), timeout=5)
-                    return n if n >= 2 else None
-                evidence["ongoing_before_kill"] = wait_until(busy, 30, 0.01, "the Detector to hold requests")
+                    for replica, replica_pid in before.values():
+                        n = ray.get(replica.get_num_ongoing_requests.remote(), timeout=5)
+                        if n >= 2:
+                            return n, replica_pid
+                    return None
+                evidence["ongoing_before_kill"], pid = wait_until(busy, 30, 0.01, "a Detector to hold requests")
             else:
                 evidence["entered"] = wait_until(lambda: postprocess_calls_entered(actor), 30, 0.05,
                                                  "a held Postprocess call")

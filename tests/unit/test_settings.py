@@ -132,3 +132,37 @@ def test_shipped_configs_leave_the_environment_settings_unset(name):
             from deployments.dispatch import MAX_IMAGES_PER_CALL
 
             assert deployment["max_ongoing_requests"] * MAX_IMAGES_PER_CALL >= deployment["user_config"]["max_batch_size"]
+
+
+@pytest.mark.parametrize("device, cpus, gpus_in_cluster, expected", [
+    ("auto", 2, False, (2, 1.0)),    # the shipped CPU config on this machine: two replicas, a core each
+    ("cpu", 8, False, (2, 4.0)),
+    ("auto", 3, False, (2, 1.0)),    # whole cores only: never more threads than cores
+    ("auto", 1, False, (1, 1.0)),
+    ("auto", 8, True, (1, 8.0)),     # a GPU in the cluster: one replica (the GPU configs set their own)
+    ("cuda:0", 8, False, (1, 8.0)),
+])
+def test_detector_replicas_share_a_cpu_machine(monkeypatch, device, cpus, gpus_in_cluster, expected):
+    import serve_app
+
+    monkeypatch.setattr(serve_app, "this_node_cpus", lambda: float(cpus))
+    monkeypatch.setattr(serve_app, "cluster_has_gpus", lambda: gpus_in_cluster)
+    options = serve_app.detector_defaults(device)
+    assert (options["num_replicas"], options["ray_actor_options"]["num_cpus"]) == expected
+    assert options["ray_actor_options"]["num_gpus"] == 0  # a GPU comes only from the serve config
+
+
+def test_shipped_cpu_config_leaves_the_detector_layout_to_the_code():
+    """serve_config.yaml must not pin num_replicas / ray_actor_options for the
+    Detector, or its replicas would not follow the machine's cores; the other
+    configs must pin both (or autoscale), or the code's two CPU replicas would
+    apply to them too."""
+    configs = {p.name: yaml.safe_load(p.read_text()) for p in ROOT.glob("serve_config*.yaml")}
+    for name, config in configs.items():
+        for app in config["applications"]:
+            detector = next(d for d in app["deployments"] if d["name"] == "Detector")
+            if name == "serve_config.yaml":
+                assert "num_replicas" not in detector and "ray_actor_options" not in detector
+            else:
+                assert ("num_replicas" in detector or "autoscaling_config" in detector), name
+                assert "num_cpus" in detector["ray_actor_options"], name
