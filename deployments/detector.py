@@ -59,11 +59,27 @@ def limit_threads(threads: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+# The model thread (and the OpenMP workers it starts, which inherit it) runs
+# at a lower CPU priority than the replicas' request handling: when the model
+# keeps every core busy, /health and the graph's light per-request work still
+# get a core at once (Label Studio gives /health 1 s). The model loses little:
+# the others' CPU is small and would be spent anyway.
+MODEL_THREAD_NICE = 5
+
+
+def _start_model_thread(threads: int) -> None:
+    limit_threads(threads)
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + MODEL_THREAD_NICE))
+    except (AttributeError, OSError):  # Linux: this thread only; elsewhere best effort
+        pass
+
+
 def model_thread(threads: int) -> ThreadPoolExecutor:
     """The one thread the model runs in. OpenMP's thread count is a per-thread
     setting (a thread started later gets OMP_NUM_THREADS, which Ray sets from
     the reservation at worker start), so it is set in that thread itself."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=limit_threads,
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=_start_model_thread,
                               initargs=(threads,))
 
 

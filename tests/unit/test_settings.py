@@ -166,3 +166,27 @@ def test_shipped_cpu_config_leaves_the_detector_layout_to_the_code():
             else:
                 assert ("num_replicas" in detector or "autoscaling_config" in detector), name
                 assert "num_cpus" in detector["ray_actor_options"], name
+
+
+def test_the_model_thread_yields_the_cpu_to_request_handling():
+    """The model's thread runs below the replica's other threads (which answer
+    /health and route requests), so a model that keeps every core busy cannot
+    hold /health past Label Studio's 1 s; its OpenMP count is set there too."""
+    import threading
+
+    import torch
+
+    from deployments.detector import MODEL_THREAD_NICE, model_thread
+
+    def nice_of(tid: int) -> int:  # field 19 of /proc/<pid>/task/<tid>/stat
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+
+    wanted = torch.get_num_threads()  # this process's own count: the test leaves it as it was
+    pool = model_thread(wanted)
+    try:
+        tid, threads = pool.submit(lambda: (threading.get_native_id(), torch.get_num_threads())).result()
+        assert nice_of(tid) == min(19, nice_of(threading.get_native_id()) + MODEL_THREAD_NICE)
+        assert threads == wanted
+    finally:
+        pool.shutdown()
