@@ -107,12 +107,12 @@ class AppArgs(BaseModel):
         return str(Path(self.image_dir or default_image_dir()).expanduser())
 
 
-# Model processes a CPU-only machine runs by default. Measured on 2 cores
-# (bench/results/gap-*.json, docs/performance.md "Two model processes"):
-# one image uses about 1.45 of 2 cores (its Python and single-threaded parts
-# leave a core idle), so two replicas of half the cores each overlap two
-# images: 1.2-1.4x the images/s of one replica on every core, at some
-# single-image latency. Two, not one per core: each is a copy of the model.
+# Model processes a CPU-only machine runs by default. One image does not
+# keep two cores busy (its Python and single-threaded steps leave one idle),
+# so two replicas of half the cores each overlap two images: 1.2-2x the
+# images/s of one replica on every core on 2 cores, at some single-image
+# latency (bench/results/serving-20261202-053637-cpu.json, docs/performance.md
+# "Who gets the CPU"). Two, not one per core: each is a copy of the model.
 CPU_DETECTOR_REPLICAS = 2
 
 
