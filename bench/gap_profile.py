@@ -35,12 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.profile_served import cpu_seconds
 from bench.provenance import provenance, stamp
 from bench.serving_bench import MODELS, UPLOAD_SUBDIR, Sampler, Service, make_images, measure_raw_floor
 from tests.model_fixtures import save_random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
 ROLES = (  # first match wins: (role, substring of the command line)
     ("Detector replica", "ServeReplica:mmdet-backend:Detector"),
     ("other replicas", "ServeReplica:"),
@@ -50,26 +50,8 @@ ROLES = (  # first match wins: (role, substring of the command line)
 )
 
 
-def process_cpu() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, CPU seconds so far) for every process."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(pid)] = (cmd or stat.split("(")[1].split(")")[0], (int(fields[11]) + int(fields[12])) / TICKS)
-    return out
-
-
 def cores_by_role(before: dict, after: dict, seconds: float) -> dict[str, float]:
-    """Busy cores per role between two process_cpu() snapshots."""
+    """Busy cores per role between two cpu_seconds() snapshots."""
     me = os.getpid()
     roles: dict[str, float] = {}
     for pid, (cmd, cpu) in after.items():
@@ -136,16 +118,16 @@ def one_repeat(name: str, tmp: Path, checkpoint: str, paths: list[str], uploads:
     env = {"CONFIG_FILE": model, "CHECKPOINT_FILE": checkpoint, "IMAGE_DIR": str(tmp / "uploads")}
     with Service(tmp, env, {"allowed_hosts": ["127.0.0.1"], "model_acceleration": "eager"},
                  detector_layout=(1, opts.threads)) as svc:
-        before = process_cpu()
+        before = cpu_seconds()
         time.sleep(opts.idle_s)
-        rep["idle_cores"] = cores_by_role(before, process_cpu(), opts.idle_s)
+        rep["idle_cores"] = cores_by_role(before, cpu_seconds(), opts.idle_s)
         rep["raw_beside_idle_service"] = measure_raw_floor(model, checkpoint, paths, opts.threads, n,
                                                            "eager")["images_per_s"]
         batch = [uploads[i % len(uploads)] for i in range(n)]
         svc.predict(batch[:2])  # warm-up
-        before = process_cpu()
+        before = cpu_seconds()
         seconds = svc.predict(batch)
-        rep["served_cores"] = cores_by_role(before, process_cpu(), seconds)
+        rep["served_cores"] = cores_by_role(before, cpu_seconds(), seconds)
         rep["served"] = n / seconds
         with Sampler(svc):
             rep["served_health_2hz"] = n / svc.predict(batch)
