@@ -148,7 +148,8 @@ def detector_defaults(device: str) -> dict:
     The serve config's num_replicas / autoscaling_config / ray_actor_options
     win over these."""
     cpus = this_node_cpus()
-    on_cpu = parse_device(device) == "cpu" or (parse_device(device) == "auto" and not cluster_has_gpus())
+    wanted = parse_device(device)
+    on_cpu = wanted == "cpu" or (wanted == "auto" and not cluster_has_gpus())
     replicas = CPU_DETECTOR_REPLICAS if on_cpu and cpus >= CPU_DETECTOR_REPLICAS else 1
     return {"num_replicas": replicas,
             "ray_actor_options": {"num_cpus": float(int(cpus) // replicas) if replicas > 1 else cpus, "num_gpus": 0}}
