@@ -56,7 +56,7 @@ class AppArgs(BaseModel):
     model_acceleration: Literal["auto", "eager", "channels_last", "compile"] = "auto"
     predict_timeout_s: float = Field(PREDICT_TIMEOUT_S, gt=0, le=100.0)  # Label Studio gives up at 100 s
     max_tasks_per_request: int = Field(MAX_TASKS_PER_REQUEST, ge=1)
-    max_inflight_images: int = Field(MAX_INFLIGHT_IMAGES, ge=1)
+    max_inflight_images: Optional[int] = Field(None, ge=1)  # default: 32 on the CPU, 64 with a GPU
     allow_private_networks: bool = False
     allowed_hosts: list[str] = Field(default_factory=list)
     # Image fetching limits (per image).
@@ -141,15 +141,19 @@ def cluster_has_gpus() -> bool:
         return False
 
 
-def detector_defaults(device: str) -> dict:
+def detector_on_cpu(device: str) -> bool:
+    """Whether the Detector will run on the CPU: asked for, or auto with no GPU in the cluster."""
+    wanted = parse_device(device)
+    return wanted == "cpu" or (wanted == "auto" and not cluster_has_gpus())
+
+
+def detector_defaults(on_cpu: bool) -> dict:
     """The Detector's replicas and resources where the serve config sets none:
     on a CPU machine, CPU_DETECTOR_REPLICAS replicas sharing its cores (torch
     threads follow each one's reservation); with a GPU in sight, one replica.
     The serve config's num_replicas / autoscaling_config / ray_actor_options
     win over these."""
     cpus = this_node_cpus()
-    wanted = parse_device(device)
-    on_cpu = wanted == "cpu" or (wanted == "auto" and not cluster_has_gpus())
     replicas = CPU_DETECTOR_REPLICAS if on_cpu and cpus >= CPU_DETECTOR_REPLICAS else 1
     return {"num_replicas": replicas,
             "ray_actor_options": {"num_cpus": float(int(cpus) // replicas) if replicas > 1 else cpus, "num_gpus": 0}}
@@ -170,7 +174,8 @@ def build_app(args: AppArgs) -> Application:
     # Unless the serve config sets them, the Detector's replicas share every
     # CPU of this machine (torch threads follow each reservation): the other
     # deployments reserve none (docs/performance.md: the measured rule).
-    detector_resources = detector_defaults(args.device)
+    on_cpu = detector_on_cpu(args.device)
+    detector_resources = detector_defaults(on_cpu)
 
     loader = ImageLoader.options(**logged).bind(
         image_dir=args.resolved_image_dir(),
@@ -220,7 +225,7 @@ def build_app(args: AppArgs) -> Application:
         label_studio_url=args.label_studio_url,
         predict_timeout_s=args.predict_timeout_s,
         max_tasks_per_request=args.max_tasks_per_request,
-        max_inflight_images=args.max_inflight_images,
+        max_inflight_images=args.max_inflight_images or MAX_INFLIGHT_IMAGES["cpu" if on_cpu else "gpu"],
         basic_auth_user=args.basic_auth_user,
         health_requires_auth=args.health_requires_auth,
         model_outputs=outputs,

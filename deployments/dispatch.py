@@ -5,8 +5,11 @@ image makes three (loader, detector, postprocess). The ingress therefore
 queues the images of all its requests and sends what is queued as groups:
 one call per deployment per group. Nothing waits for company: a lone image
 leaves at once; groups form from what queued while earlier groups were in
-flight (a /predict with many tasks, many annotators at once). Each image
-still succeeds or fails on its own, and answers by its own deadline.
+flight (a /predict with many tasks, many annotators at once). Each source
+has at most max_inflight_images / IMAGES_PER_BUSY_GROUP calls in flight, so
+under many concurrent one-task requests images queue briefly and then
+travel together, instead of each paying three calls. Each image still
+succeeds or fails on its own, and answers by its own deadline.
 
 A group answers when its slowest image is done, so a group holds images of
 one source only (one image server, or image_dir): a slow or stalling server
@@ -34,9 +37,10 @@ logger = logging.getLogger("ray.serve")
 # is done, so on a CPU (images run one after another) a group's images wait
 # for each other: groups are split evenly over the free slots, and capped.
 MAX_IMAGES_PER_CALL = 16
-# A queue is split into max_inflight_images / this groups, so with a long
-# queue a group holds this many images on average (the unit the cluster
-# config's autoscaling targets count in), and fewer when the queue is short.
+# Each source has max_inflight_images / this calls in flight at most, and its
+# queue is split over them, so with a long queue a group holds this many
+# images on average (the unit the cluster config's autoscaling targets count
+# in), and fewer when the queue is short.
 IMAGES_PER_BUSY_GROUP = 8
 MAX_SCAN = 256  # queued images looked at to fill one group (mixed sources)
 
@@ -64,6 +68,7 @@ class GroupDispatcher:
         self._max_per_call = max(1, max_images_per_call)
         self._queue: deque[_Queued] = deque()
         self._images_in_flight = 0
+        self._calls_in_flight: dict[str, int] = {}  # per source
         self._pump_scheduled = False
         self.set_max_inflight(max_inflight_images)
         self._running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
@@ -71,7 +76,7 @@ class GroupDispatcher:
     def set_max_inflight(self, max_inflight_images: int) -> None:
         """The in-flight bound (the JobRunner follows the Detectors' capacity)."""
         self._max_images = max(1, max_inflight_images)
-        self._groups_per_queue = max(1, math.ceil(self._max_images / IMAGES_PER_BUSY_GROUP))
+        self._calls_per_source = max(1, math.ceil(self._max_images / IMAGES_PER_BUSY_GROUP))
         if self._queue:  # a higher bound may let queued images go
             self._schedule_pump()
 
@@ -96,36 +101,57 @@ class GroupDispatcher:
     def _pump(self) -> None:
         self._pump_scheduled = False
         now = time.monotonic()
-        # A long queue makes groups of about IMAGES_PER_BUSY_GROUP, a short one
-        # groups of one: spread over several calls, images overlap.
-        even = math.ceil(len(self._queue) / self._groups_per_queue)
         while self._queue and self._images_in_flight < self._max_images:
-            size = min(self._max_per_call, self._max_images - self._images_in_flight, even)
-            group = self._take(size, now)
-            if group:
-                self._images_in_flight += len(group)
-                task = asyncio.ensure_future(self._run(group))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+            group = self._take(now)
+            if not group:
+                if self._drop_given_up(now):
+                    continue  # the scanned window held images that gave up: look again
+                break
+            source = group[0].source
+            self._calls_in_flight[source] = self._calls_in_flight.get(source, 0) + 1
+            self._images_in_flight += len(group)
+            task = asyncio.ensure_future(self._run(group))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
-    def _take(self, size: int, now: float) -> list[_Queued]:
-        """Up to `size` queued images of the first queued image's source, in order."""
+    def _take(self, now: float) -> list[_Queued]:
+        """The next group: queued images of the first queued image whose source
+        has a call slot free, in order. A source's queue is split evenly over
+        its free slots (a long queue: groups of about IMAGES_PER_BUSY_GROUP; a
+        short one with every slot free: groups of one, so images overlap)."""
+        source, queued_of_source, scanned = None, 0, 0
+        for queued in self._queue:
+            if scanned >= MAX_SCAN:
+                break
+            scanned += 1
+            if queued.future.done() or queued.deadline <= now:
+                continue
+            if source is None and self._calls_in_flight.get(queued.source, 0) < self._calls_per_source:
+                source = queued.source
+            queued_of_source += queued.source == source
+        if source is None:
+            return []
+        free_calls = self._calls_per_source - self._calls_in_flight.get(source, 0)
+        size = min(self._max_per_call, self._max_images - self._images_in_flight,
+                   math.ceil(queued_of_source / free_calls))
         group: list[_Queued] = []
         rest: deque[_Queued] = deque()
-        source = None
         scanned = 0
         while self._queue and len(group) < size and scanned < MAX_SCAN:
             scanned += 1
             queued = self._queue.popleft()
             if queued.future.done() or queued.deadline <= now:  # gave up while queued
                 continue
-            if source is None or queued.source == source:
-                source = queued.source
-                group.append(queued)
-            else:
-                rest.append(queued)
+            (group if queued.source == source else rest).append(queued)
         self._queue.extendleft(reversed(rest))
         return group
+
+    def _drop_given_up(self, now: float) -> int:
+        """Forget the images that gave up among the first MAX_SCAN queued."""
+        window = [self._queue.popleft() for _ in range(min(MAX_SCAN, len(self._queue)))]
+        live = [q for q in window if not (q.future.done() or q.deadline <= now)]
+        self._queue.extendleft(reversed(live))
+        return len(window) - len(live)
 
     async def _run(self, group: list[_Queued]) -> None:
         try:
@@ -153,4 +179,8 @@ class GroupDispatcher:
                 raise
         finally:
             self._images_in_flight -= len(group)
+            source = group[0].source
+            self._calls_in_flight[source] -= 1
+            if not self._calls_in_flight[source]:
+                del self._calls_in_flight[source]
             self._schedule_pump()

@@ -68,7 +68,12 @@ RETRY_AFTER_S = 10
 # Defaults, also of serve_app.AppArgs' args of the same names.
 PREDICT_TIMEOUT_S = 90.0  # Label Studio gives up at 100 s
 MAX_TASKS_PER_REQUEST = 1000
-MAX_INFLIGHT_IMAGES = 64
+# Images in flight per ingress replica, by where the Detector runs, unless
+# set: on the CPU 32 are seconds of work, and since a source has
+# max_inflight_images / 8 calls in flight (deployments/dispatch.py), fewer
+# means concurrent one-task requests travel more images per call; a GPU
+# needs more in flight to stay fed while images load.
+MAX_INFLIGHT_IMAGES = {"cpu": 32, "gpu": 64}
 
 
 def created_tasks(body: dict) -> tuple[int | None, list[int]]:
@@ -105,7 +110,7 @@ class LabelStudioIngress:
         label_studio_url: str | None = None,
         predict_timeout_s: float = PREDICT_TIMEOUT_S,
         max_tasks_per_request: int = MAX_TASKS_PER_REQUEST,
-        max_inflight_images: int = MAX_INFLIGHT_IMAGES,
+        max_inflight_images: int = MAX_INFLIGHT_IMAGES["cpu"],
         max_request_bytes: int = 32 * 1024 * 1024,
         basic_auth_user: str | None = None,
         health_requires_auth: bool = False,

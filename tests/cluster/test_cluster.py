@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from deployments.dispatch import IMAGES_PER_BUSY_GROUP
 from model_fixtures import RTMDET_TINY, TOY_CHECKPOINT, TOY_CONFIG, save_random_checkpoint
 from package_fixtures import PIP, build_project_wheel
 from payloads import predict, task
@@ -230,7 +231,7 @@ def tiny_config(cluster: LocalCluster, model: dict, image_dir: Path) -> dict:
     config["http_options"].update(host="127.0.0.1", port=cluster.http_port)
     (app,) = config["applications"]
     app["args"].update(config_file=model["config_file"], checkpoint_file=model["checkpoint_file"],
-                       image_dir=str(image_dir), torch_threads=1, max_inflight_images=16,
+                       image_dir=str(image_dir), torch_threads=1,
                        allow_cpu_fallback=True)  # the worker's GPU is declared, not real
     deployments = {d["name"]: d for d in app["deployments"]}
     overrides = {
@@ -257,6 +258,11 @@ def tiny_config(cluster: LocalCluster, model: dict, image_dir: Path) -> dict:
             if isinstance(value, dict):
                 assert set(value) <= set(deployments[name][key]) | {"num_gpus"}, (name, key)
             deployments[name][key] = value
+    # docs/cluster.md's rule, so the ingress lets enough calls out for the autoscaler to see
+    # (a source has max_inflight_images / IMAGES_PER_BUSY_GROUP calls in flight).
+    detector = deployments["Detector"]
+    app["args"]["max_inflight_images"] = (detector["autoscaling_config"]["max_replicas"]
+                                          * detector["max_ongoing_requests"] * IMAGES_PER_BUSY_GROUP)
     # Test-only: sample load every 0.5 s over 2 s, so scaling reacts in seconds.
     deployments["Detector"]["autoscaling_config"].update(metrics_interval_s=0.5, look_back_period_s=2)
     return config

@@ -126,3 +126,29 @@ def test_an_image_that_gave_up_while_queued_is_never_sent():
     graph, late = run(main())
     assert isinstance(late, TaskFailure) and late.reason == "deadline"
     assert all(name != "late" for call in graph.calls for name, _ in call)
+
+
+def test_a_source_has_at_most_its_calls_in_flight_and_its_queue_then_travels_together():
+    # max_inflight_images 16: 16 / IMAGES_PER_BUSY_GROUP (8) = 2 calls per source.
+    async def main():
+        graph = FakeGraph()
+        dispatcher = GroupDispatcher(graph.send, max_inflight_images=16)
+        deadline = time.monotonic() + 5
+        first = [asyncio.ensure_future(dispatcher.submit((f"a{i}", 0.2), "relative", i, deadline)) for i in range(2)]
+        await asyncio.sleep(0.05)  # both left alone, one call each; now one-image requests keep arriving
+        later = [asyncio.ensure_future(dispatcher.submit((f"b{i}", 0.2), "relative", 10 + i, deadline))
+                 for i in range(6)]
+        await asyncio.sleep(0.05)
+        calls_while_busy = len(graph.calls)
+        other = await dispatcher.submit(("x0", 0.0), "http://other:1", 99, deadline)  # its own slots
+        results = await asyncio.gather(*first, *later)
+        return graph, calls_while_busy, other, results
+
+    graph, calls_while_busy, other, results = run(main())
+    assert calls_while_busy == 2, graph.calls  # the six wait: the source's two calls are out
+    assert other == "result of x0"
+    assert results == [f"result of a{i}" for i in range(2)] + [f"result of b{i}" for i in range(6)]
+    relative = [[name for name, _ in call] for call in graph.calls if not call[0][0].startswith("x")]
+    assert relative[:2] == [["a0"], ["a1"]]
+    # The six queued images left in the two calls that freed up, not in six calls.
+    assert 1 <= len(relative[2:]) <= 2 and sorted(n for c in relative[2:] for n in c) == [f"b{i}" for i in range(6)]

@@ -147,9 +147,27 @@ def test_detector_replicas_share_a_cpu_machine(monkeypatch, device, cpus, gpus_i
 
     monkeypatch.setattr(serve_app, "this_node_cpus", lambda: float(cpus))
     monkeypatch.setattr(serve_app, "cluster_has_gpus", lambda: gpus_in_cluster)
-    options = serve_app.detector_defaults(device)
+    options = serve_app.detector_defaults(serve_app.detector_on_cpu(device))
     assert (options["num_replicas"], options["ray_actor_options"]["num_cpus"]) == expected
     assert options["ray_actor_options"]["num_gpus"] == 0  # a GPU comes only from the serve config
+
+
+@pytest.mark.parametrize("device, gpus_in_cluster, setting, expected", [
+    ("auto", False, None, 32),   # CPU: fewer calls per source, so concurrent one-task requests travel together
+    ("cpu", True, None, 32),
+    ("auto", True, None, 64),    # a GPU needs more in flight to stay fed
+    ("cuda", False, None, 64),
+    ("auto", False, 100, 100),   # the arg, where set, is the owner
+])
+def test_images_in_flight_default_follows_where_the_detector_runs(monkeypatch, device, gpus_in_cluster, setting,
+                                                                  expected):
+    import serve_app
+    from tests.model_fixtures import TOY_CHECKPOINT, TOY_CONFIG
+
+    monkeypatch.setattr(serve_app, "cluster_has_gpus", lambda: gpus_in_cluster)
+    app = serve_app.build_app({"config_file": str(TOY_CONFIG), "checkpoint_file": str(TOY_CHECKPOINT),
+                               "device": device, "max_inflight_images": setting})
+    assert app._bound_deployment.init_kwargs["max_inflight_images"] == expected  # the ingress's own argument
 
 
 def test_shipped_cpu_config_leaves_the_detector_layout_to_the_code():
