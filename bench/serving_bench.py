@@ -117,6 +117,16 @@ def measure_raw_floor(config: str, checkpoint: str, images: list[str], threads: 
     return json.loads(line[len("RAW_FLOOR "):])
 
 
+def bracket_floor(floor: dict, run: dict, config: str, checkpoint: str, images: list[str], threads: int,
+                  count: int) -> None:
+    """The eager floor again after a service: the machine's speed drifts over
+    minutes, so each service is compared with the mean of the floors measured
+    just before and just after it (floor_for)."""
+    before = floor.get("eager_after", floor["eager"])
+    floor["eager_after"] = measure_raw_floor(config, checkpoint, images, threads, count, "eager")
+    run["floor_bracket"] = {"before": before["images_per_s"], "after": floor["eager_after"]["images_per_s"]}
+
+
 def decode_rate_one_core(paths: list[str], count: int = 600) -> float:
     """One process, pinned to one core, decoding the files: images/s."""
     code = (
@@ -362,7 +372,7 @@ def plot(results: dict, path: Path) -> None:
             for source, point in run["shapes"].items():
                 for shape, key in (("N", "predict_n"), ("C", "one_task_calls")):
                     labels.append(f"{accel}\n{source}\n{shape}")
-                    values.append(point[key]["images_per_s"] / m["raw_floor"]["eager"]["images_per_s"])
+                    values.append(point[key]["images_per_s"] / floor_for(m, run))
         ax.bar(range(len(values)), values)
         ax.axhline(1.0, color="k", lw=1)
         ax.axhline(0.95, color="r", lw=0.8, ls="--")
@@ -373,16 +383,26 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def floor_for(m: dict, run: dict) -> float:
+    """A service's eager raw floor: the mean of the floors measured just before
+    and just after it (older result files: the one floor measured first)."""
+    bracket = run.get("floor_bracket")
+    return (bracket["before"] + bracket["after"]) / 2 if bracket else m["raw_floor"]["eager"]["images_per_s"]
+
+
 def summary(results: dict) -> list[str]:
-    lines = [f"== {results['provenance']['machine']['cpus_usable']} cores; served / eager raw floor =="]
+    lines = [f"== {results['provenance']['machine']['cpus_usable']} cores; served / eager raw floor "
+             "(mean of the floors just before and after each service) =="]
     for name, m in results["models"].items():
         floor = m["raw_floor"]["eager"]["images_per_s"]
         accel = m["raw_floor"]["auto"]["acceleration"]
-        after = m["raw_floor"].get("eager_after", {}).get("images_per_s")
-        lines.append(f"{name}: raw floor eager {floor:.3f} img/s"
-                     + (f" ({after:.3f} after the services)" if after else "")
+        lines.append(f"{name}: raw floor eager {floor:.3f} img/s at the start"
                      + f", auto {m['raw_floor']['auto']['images_per_s']:.3f} ({accel['mode']}: {accel['reason']})")
         for accel, run in m["served"].items():
+            floor = floor_for(m, run)
+            if "floor_bracket" in run:
+                lines.append(f"  {accel}: eager floor {run['floor_bracket']['before']:.3f} before, "
+                             f"{run['floor_bracket']['after']:.3f} after")
             for source, point in run["shapes"].items():
                 n, c = point["predict_n"], point["one_task_calls"]
                 errors = n.get("error_items", 0) + c.get("error_items", 0)
@@ -450,18 +470,20 @@ def main() -> None:
                 floor = {mode: measure_raw_floor(model, checkpoint, paths, opts.threads, count, mode)
                          for mode in ("eager", "auto")}
                 served = {}
+                results["models"][name] = {"config": model, "raw_floor": floor, "served": served}
+                remeasure = (model, checkpoint, paths, opts.threads, count)
+
+                env = {"CONFIG_FILE": model, "CHECKPOINT_FILE": checkpoint, "IMAGE_DIR": str(upload_dir)}
+                args = {"allowed_hosts": ["127.0.0.1"]}
+                n_tasks = 8 if opts.quick else opts.tasks
                 for accel in ("eager", "auto"):
                     print(f"[{name}] served, acceleration {accel} ...", flush=True)
-                    env = {"CONFIG_FILE": model, "CHECKPOINT_FILE": checkpoint, "IMAGE_DIR": str(upload_dir)}
-                    args = {"allowed_hosts": ["127.0.0.1"], "model_acceleration": accel}
-                    with Service(tmp, env, args) as svc:
-                        idle = svc.rss_mib()
-                        n_tasks = 8 if opts.quick else opts.tasks
-                        run = {"ready": svc.ready_line(), "idle_rss_mib": idle, "settled": svc.settled,
-                               "shapes": shapes(svc, sources, n_tasks, n_tasks, opts.concurrency)}
-                    served[accel] = run
-                results["models"][name] = {"config": model, "raw_floor": floor, "served": served}
-                save(results, path)
+                    with Service(tmp, env, {**args, "model_acceleration": accel}) as svc:
+                        served[accel] = {"ready": svc.ready_line(), "idle_rss_mib": svc.rss_mib(),
+                                         "settled": svc.settled,
+                                         "shapes": shapes(svc, sources, n_tasks, n_tasks, opts.concurrency)}
+                    bracket_floor(floor, served[accel], *remeasure)
+                    save(results, path)  # a later failure keeps what was measured
                 if opts.thread_rule and opts.threads > 1:
                     # Rule check: the shipped default (two replicas sharing the cores) vs one
                     # replica on every core (the previous default), eager, every source.
@@ -471,10 +493,8 @@ def main() -> None:
                         served["eager_one_replica_all_cores"] = {
                             "ready": svc.ready_line(), "idle_rss_mib": svc.rss_mib(), "settled": svc.settled,
                             "shapes": shapes(svc, sources, n_tasks, n_tasks, opts.concurrency)}
-                # The machine's speed drifts over minutes: the floor again, after the services.
-                floor["eager_after"] = measure_raw_floor(model, checkpoint, paths, opts.threads, count, "eager")
-                results["models"][name] = {"config": model, "raw_floor": floor, "served": served}
-                save(results, path)  # a later failure keeps what was measured
+                    bracket_floor(floor, served["eager_one_replica_all_cores"], *remeasure)
+                    save(results, path)
             if not opts.no_noop:
                 print("[noop] graph ceiling ...", flush=True)
                 results["noop_ceiling"] = noop_ceiling(tmp, upload_dir, names, opts.quick)
