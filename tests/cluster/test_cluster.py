@@ -32,12 +32,13 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from deployments.dispatch import IMAGES_PER_BUSY_GROUP
 from model_fixtures import RTMDET_TINY, TOY_CHECKPOINT, TOY_CONFIG, save_random_checkpoint
 from package_fixtures import PIP, build_project_wheel
 from payloads import predict, task
 from serve_fixtures import free_port, wait_until
 from toy_detector.scenes import scene_png
+
+from deployments.dispatch import IMAGES_PER_BUSY_GROUP
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_CONFIG = ROOT / "serve_config.cluster.yaml"
