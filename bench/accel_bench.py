@@ -10,7 +10,8 @@ image at a time through BatchDetector.detect (pipeline + model, as the
 Detector runs it on a CPU), with --threads torch threads:
 
 - images/s for eager, channels_last, compile (mmdet_ls.acceleration: dynamic
-  height/width when the warm-up inputs vary in size) and compile-bucket (the
+  height/width when the warm-up inputs vary in size; frozen weights on the
+  CPU), compile-unfrozen (the same without inductor's freezing) and compile-bucket (the
   alternative to dynamic shapes: the backbone input padded up to one of a few
   fixed shapes, one static graph per shape, feature maps cropped back), rounds
   interleaved so that other work on the machine disturbs every mode alike;
@@ -95,7 +96,7 @@ class BucketFeatures:
 
         def count(gm, example_inputs):
             self.compiles += 1
-            return inductor(gm, example_inputs)  # as mmdet_ls.acceleration compiles (no freezing)
+            return inductor(gm, example_inputs)  # no freezing: compare with compile-unfrozen
 
         backbone, neck = model.backbone, model.neck
         self._compiled = torch.compile(lambda x: _backbone_neck(backbone, neck, x), backend=count, dynamic=False)
@@ -126,7 +127,7 @@ def measure(name: str, config: str, checkpoint: str, threads: int, rounds: int) 
     """In this process: every mode, rounds interleaved."""
     import torch
 
-    from mmdet_ls.acceleration import accelerate, compile_count, set_mode
+    from mmdet_ls.acceleration import _CompiledFeatures, accelerate, compile_count, set_mode
     from mmdet_ls.inference import BatchDetector
 
     torch.set_num_threads(threads)
@@ -142,6 +143,13 @@ def measure(name: str, config: str, checkpoint: str, threads: int, rounds: int) 
     print(f"[{name}] compile (as at start-up) ...", flush=True)
     report = accelerate(model, "compile", warmup=warm, images=len(start), repeats=0)
     out["compile_startup"] = report.as_dict()
+    unfrozen = _CompiledFeatures(model.backbone, model.neck, "inductor", report.dynamic, freezing=False)
+    set_mode(model, "eager")
+    model.extract_feat = unfrozen
+    t0 = time.perf_counter()
+    det.detect(start, stacked=False)
+    out["unfrozen_compile_s"] = round(time.perf_counter() - t0, 2)
+    model.__dict__.pop("extract_feat", None)
     bucket = BucketFeatures(model, BUCKETS)
     set_mode(model, "eager")
     model.extract_feat = bucket
@@ -152,16 +160,16 @@ def measure(name: str, config: str, checkpoint: str, threads: int, rounds: int) 
     out["bucket_feature_max_rel_error"] = bucket_feature_error(det, imgs[0])
     model.__dict__.pop("extract_feat", None)
 
-    modes = ["eager", "channels_last", "compile", "compile-bucket"]
+    modes = ["eager", "channels_last", "compile", "compile-unfrozen", "compile-bucket"]
     passes = {m: [] for m in modes}
     per_size = {m: [math.inf] * len(imgs) for m in modes}
-    compiles_before = {"compile": None, "compile-bucket": bucket.compiles}
+    compiles_before = {"compile": None, "compile-bucket": bucket.compiles, "compile-unfrozen": unfrozen.compiles}
     failures = {}
 
     def use(mode):
-        if mode == "compile-bucket":
+        if mode in ("compile-bucket", "compile-unfrozen"):
             set_mode(model, "eager")
-            model.extract_feat = bucket
+            model.extract_feat = bucket if mode == "compile-bucket" else unfrozen
         else:
             set_mode(model, mode)
             if mode == "compile" and compiles_before["compile"] is None:
@@ -182,7 +190,8 @@ def measure(name: str, config: str, checkpoint: str, threads: int, rounds: int) 
               flush=True)
     use("compile")
     recompiles = {"compile": compile_count(model) - compiles_before["compile"],
-                  "compile-bucket": bucket.compiles - compiles_before["compile-bucket"]}
+                  "compile-bucket": bucket.compiles - compiles_before["compile-bucket"],
+                  "compile-unfrozen": unfrozen.compiles - compiles_before["compile-unfrozen"]}
     eager_best = min(passes["eager"])
     for mode in modes:
         best, median = min(passes[mode]), statistics.median(passes[mode])
@@ -285,7 +294,8 @@ def summary(results: dict) -> list[str]:
         cold, warm = m["startup_cold_compile"], m["startup_warm_auto"]
         lines.append(f"{name}: {m['distinct_shapes']} backbone input shapes; {modes}")
         lines.append(f"{name}: compilations during the timed rounds: compile "
-                     f"{m['modes']['compile']['compilations_during_rounds']}, bucket "
+                     f"{m['modes']['compile']['compilations_during_rounds']}, unfrozen "
+                     f"{m['modes'].get('compile-unfrozen', {}).get('compilations_during_rounds')}, bucket "
                      f"{m['modes']['compile-bucket']['compilations_during_rounds']} "
                      f"(bucket compiled {m['bucket_compilations_total']} graphs in {m['bucket_compile_s']} s)")
         lines.append(f"{name}: start-up compile cold {cold.get('compile_s')} s "

@@ -8,11 +8,15 @@ Modes (`MODES`):
   CPU RoIAlign reads its input as NCHW whatever its strides, so NHWC feature
   maps handed to a two-stage head give wrong boxes without an error).
 - ``compile``: backbone + neck compiled by torch.compile (inductor), NCHW in
-  and out. Without inductor's freezing (BN folded into the convs, weights
-  prepacked): it measured no faster end to end here (1-3 % on backbone + neck
-  alone), keeps a second copy of the weights, and makes AOTAutograd's cache
-  bypass, so a warm start of Faster R-CNN compiled in 16 s instead of 7 s. Only
-  backbone + neck: the heads have data-dependent control flow (NMS, top-k,
+  and out. On the CPU with inductor, with inductor's freezing: the weights
+  become constants, BN folds into the convolutions and their weights are
+  prepacked for oneDNN. Without it, a replica on one thread (the shipped CPU
+  layout) spent about a third of a Faster R-CNN image in PyTorch's slow im2col
+  convolution (`aten::_slow_conv2d_forward`, where one thread and a batch under
+  16 send 1x1 convolutions); bench/accel_bench.py's ``compile-unfrozen`` mode
+  measures the difference. Freezing costs a longer compilation (AOTAutograd's
+  cache bypasses frozen graphs) and is not used on other devices (not measured
+  there). Only backbone + neck: the heads have data-dependent control flow (NMS, top-k,
   RoI sampling) that would break the graph or recompile. When the warm-up's
   inputs come in more than one size (Faster R-CNN keeps aspect ratios), image
   height and width are dynamic (`torch._dynamo.mark_dynamic`): one compilation
@@ -49,6 +53,7 @@ Pure logic: no Ray.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -90,6 +95,7 @@ class AccelerationReport:
     candidates: dict = field(default_factory=dict)  # mode -> {s_per_image, compile_s, error, ...}
     fell_back: bool = False  # a requested non-eager mode failed and the model runs eager
     dynamic: bool = False  # compiled with dynamic height and width
+    frozen: bool = False  # compiled with inductor's freezing (weights as constants, BN folded, prepacked)
     input_shapes: list = field(default_factory=list)  # (H, W) of the backbone inputs the warm-up produced
 
     @property
@@ -111,7 +117,8 @@ class AccelerationReport:
         if self.speedup is not None and self.mode != "eager":
             parts.append(f"{self.speedup:.2f}x")
         if self.compile_s is not None and self.mode == "compile":
-            parts.append(f"compiled in {self.compile_s:.1f} s ({self.compiles} graphs)")
+            frozen = ", frozen" if self.frozen else ""
+            parts.append(f"compiled in {self.compile_s:.1f} s ({self.compiles} graphs{frozen})")
         return ", ".join(parts) + f": {self.reason}"
 
 
@@ -163,12 +170,14 @@ def compile_count(model) -> int:
     return state.compiles if state is not None else 0
 
 
-def set_mode(model, mode: str, *, backend: str | None = None, dynamic: bool | None = None) -> None:
+def set_mode(model, mode: str, *, backend: str | None = None, dynamic: bool | None = None,
+             freezing: bool | None = None) -> None:
     """Switch the model to eager, channels_last or compile (no measuring, no fallback).
 
     compile does not compile here: the first call after it does (torch.compile is lazy). A compiled
     function `accelerate` or an earlier set_mode left on the model is reused when the backend and
-    `dynamic` match (dynamic None: whatever it was compiled with; True for a first compilation)."""
+    `dynamic` match (dynamic None: whatever it was compiled with; True for a first compilation).
+    freezing None: `default_freezing` (inductor on the CPU)."""
     if mode not in MODES or mode == "auto":
         raise AccelerationError(f"acceleration mode must be one of {', '.join(m for m in MODES if m != 'auto')}, "
                                 f"got {mode!r}")
@@ -176,7 +185,16 @@ def set_mode(model, mode: str, *, backend: str | None = None, dynamic: bool | No
     if state is None:
         state = _State(model)
         setattr(model, _ATTR, state)
-    state.set(mode, backend=backend or os.environ.get(BACKEND_ENV) or "inductor", dynamic=dynamic)
+    backend = backend or os.environ.get(BACKEND_ENV) or "inductor"
+    if freezing is None:
+        freezing = default_freezing(backend, _device_of(model))
+    freezing = bool(freezing) and backend == "inductor"  # a config of inductor's only
+    state.set(mode, backend=backend, dynamic=dynamic, freezing=freezing)
+
+
+def default_freezing(backend: str, device: str) -> bool:
+    """Whether `compile` freezes the weights: with inductor on the CPU (see the module docstring)."""
+    return backend == "inductor" and device == "cpu"
 
 
 def accelerate(
@@ -274,6 +292,7 @@ def accelerate(
     report.mode, report.reason = chosen, why
     report.chosen_s_per_image = results[chosen]["s_per_image"] if chosen in results else report.eager_s_per_image
     report.compile_s = results.get("compile", {}).get("compile_s")
+    report.frozen = chosen == "compile" and state.compiled is not None and state.compiled.freezing
     report.compiles = compile_count(model)
     cache_after = _fx_cache_counters()
     report.cache = {k: cache_after[k] - cache_before.get(k, 0) for k in cache_after}
@@ -378,7 +397,7 @@ class _State:
             wrapper.error = None
             raise error
 
-    def set(self, mode: str, *, backend: str, dynamic: bool | None) -> None:
+    def set(self, mode: str, *, backend: str, dynamic: bool | None, freezing: bool) -> None:
         import torch
 
         if dynamic is None:
@@ -393,9 +412,10 @@ class _State:
         if mode == "channels_last":
             model.extract_feat = _ChannelsLastFeatures(model.backbone, getattr(model, "neck", None))
         elif mode == "compile":
-            if self.compiled is None or self.compiled.key != (backend, dynamic):
+            if self.compiled is None or self.compiled.key != (backend, dynamic, freezing):
                 self.drop_compiled()
-                self.compiled = _CompiledFeatures(model.backbone, getattr(model, "neck", None), backend, dynamic)
+                self.compiled = _CompiledFeatures(model.backbone, getattr(model, "neck", None), backend, dynamic,
+                                                  freezing=freezing)
             model.extract_feat = self.compiled
         self.mode = mode
 
@@ -453,24 +473,22 @@ class _CompiledFeatures:
     _serial = 0
     _serial_lock = threading.Lock()
 
-    def __init__(self, backbone, neck, backend: str, dynamic: bool, freezing: bool = False,
-                 channels_last: bool = False):
+    def __init__(self, backbone, neck, backend: str, dynamic: bool, freezing: bool = False):
         import torch
+        import torch._inductor.config
         from torch._dynamo import lookup_backend
 
         self.backbone, self.neck = backbone, neck
-        self.key = (backend, dynamic)
-        self.dynamic = dynamic
+        self.key = (backend, dynamic, freezing)
+        self.dynamic, self.freezing = dynamic, freezing
         self.compiles = 0
         self.error: BaseException | None = None
         self._lock = threading.Lock()
-        inner = lookup_backend(backend)  # an unknown backend fails here, before any model call
-        self.channels_last = channels_last
-        if backend == "inductor" and freezing:
-            # weights become constants: BN folds into the convs, conv weights are prepacked (off: see the top)
-            self._inner = lambda gm, inputs: inner(gm, inputs, config_patches={"freezing": True})
-        else:
-            self._inner = inner
+        self._inner = lookup_backend(backend)  # an unknown backend fails here, before any model call
+        # Freezing (see the top) is read by dynamo while it traces (parameters become graph constants) and by
+        # inductor while it compiles, so it is set around each call: inductor's config is process-wide, and the
+        # Detector runs one model per process, one call at a time.
+        self._config = (lambda: torch._inductor.config.patch(freezing=True)) if freezing else contextlib.nullcontext
         with _CompiledFeatures._serial_lock:
             _CompiledFeatures._serial += 1
             serial = _CompiledFeatures._serial
@@ -486,13 +504,12 @@ class _CompiledFeatures:
     def __call__(self, batch_inputs):
         import torch
 
-        if self.channels_last:
-            batch_inputs = batch_inputs.contiguous(memory_format=torch.channels_last)
-        if self.dynamic:  # marks belong to this tensor object: after any conversion
+        if self.dynamic:
             torch._dynamo.mark_dynamic(batch_inputs, 2)
             torch._dynamo.mark_dynamic(batch_inputs, 3)
         try:
-            feats = self._compiled(self.backbone, self.neck, batch_inputs)
+            with self._config():
+                feats = self._compiled(self.backbone, self.neck, batch_inputs)
         except Exception as exc:
             self.error = exc
             raise

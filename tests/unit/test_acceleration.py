@@ -134,6 +134,7 @@ def frcnn(tmp_path_factory):
     report = accelerate(det.model, "compile", warmup=lambda: det.detect(warmup, stacked=False), repeats=0)
     assert report.mode == "compile", report.reason
     assert report.dynamic and len(report.input_shapes) == 2, report
+    assert report.frozen, report  # the CPU default: weights frozen into the graph (BN folded, prepacked)
     yield det, report
     set_mode(det.model, "eager")
 
@@ -206,3 +207,6 @@ def test_mixed_image_sizes_do_not_recompile(frcnn):
     assert not [r for r in results if isinstance(r, TaskFailure)], results
     assert current_mode(model) == "compile"
     assert (compile_count(model), counters["frames"]["ok"]) == (compiled, frames)
+    import torch._inductor.config
+
+    assert torch._inductor.config.freezing is False  # set around each compiled call only, never left behind
