@@ -70,6 +70,7 @@ class GroupDispatcher:
         self._images_in_flight = 0
         self._calls_in_flight: dict[str, int] = {}  # per source
         self._pump_scheduled = False
+        self._scan_saw_given_up = False  # the last _take met images that gave up while queued
         self.set_max_inflight(max_inflight_images)
         self._running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
@@ -104,7 +105,7 @@ class GroupDispatcher:
         while self._queue and self._images_in_flight < self._max_images:
             group = self._take(now)
             if not group:
-                if self._drop_given_up(now):
+                if self._scan_saw_given_up and self._drop_given_up(now):
                     continue  # the scanned window held images that gave up: look again
                 break
             source = group[0].source
@@ -120,11 +121,13 @@ class GroupDispatcher:
         its free slots (a long queue: groups of about IMAGES_PER_BUSY_GROUP; a
         short one with every slot free: groups of one, so images overlap)."""
         source, queued_of_source, scanned = None, 0, 0
+        self._scan_saw_given_up = False  # nothing to drop otherwise: _pump skips the re-queue
         for queued in self._queue:
             if scanned >= MAX_SCAN:
                 break
             scanned += 1
             if queued.future.done() or queued.deadline <= now:
+                self._scan_saw_given_up = True
                 continue
             if source is None and self._calls_in_flight.get(queued.source, 0) < self._calls_per_source:
                 source = queued.source

@@ -152,3 +152,28 @@ def test_a_source_has_at_most_its_calls_in_flight_and_its_queue_then_travels_tog
     assert relative[:2] == [["a0"], ["a1"]]
     # The six queued images left in the two calls that freed up, not in six calls.
     assert 1 <= len(relative[2:]) <= 2 and sorted(n for c in relative[2:] for n in c) == [f"b{i}" for i in range(6)]
+
+
+def test_more_given_up_images_than_one_scan_never_hold_up_another_source():
+    # max_inflight_images 8: one call per source. Source "stuck" has its call out for 2 s and
+    # 300 more images queued (more than MAX_SCAN) that give up after 50 ms; an image of another
+    # source queued behind them must leave at once, not when the stuck call ends.
+    async def main():
+        graph = FakeGraph()
+        dispatcher = GroupDispatcher(graph.send, max_inflight_images=8)
+        now = time.monotonic()
+        stuck = asyncio.ensure_future(dispatcher.submit(("stuck0", 2.0), "http://stuck", 0, now + 5))
+        await asyncio.sleep(0)
+        dead = [asyncio.ensure_future(dispatcher.submit((f"dead{i}", 0.0), "http://stuck", i, now + 0.05))
+                for i in range(300)]
+        await asyncio.gather(*dead)
+        start = time.monotonic()
+        other = await dispatcher.submit(("other", 0.0), "http://other", 999, time.monotonic() + 5)
+        waited = time.monotonic() - start
+        stuck.cancel()
+        return graph, other, waited, await asyncio.gather(*dead)
+
+    graph, other, waited, dead = run(main())
+    assert all(isinstance(d, TaskFailure) and d.reason == "deadline" for d in dead)
+    assert other == "result of other" and waited < 1.0, waited
+    assert not [name for call in graph.calls for name, _ in call if name.startswith("dead")]
