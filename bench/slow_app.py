@@ -1,0 +1,32 @@
+"""The production graph with a model that sleeps a fixed time per image and uses no CPU.
+
+Bench-only (`import_path: bench.slow_app:build_app`, SLOW_PER_IMAGE_S in the
+environment): how work spreads over the Detector replicas can then be read
+from wall time alone, with no model noise (bench/routing_balance.py).
+"""
+import os
+import time
+
+import serve_app
+from bench.noop_app import NoopBatchDetector, NoopDetector
+from deployments.detector import Detector
+
+
+class SleepingBatchDetector(NoopBatchDetector):
+    def detect(self, images, stacked=True):
+        time.sleep(float(os.environ.get("SLOW_PER_IMAGE_S", "0.5")) * len(images))
+        return super().detect(images, stacked)
+
+
+class SleepingDetector(NoopDetector):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runner = SleepingBatchDetector()
+
+
+def build_app(args):
+    serve_app.Detector = Detector.options(func_or_class=SleepingDetector)
+    try:
+        return serve_app.build_app(args)
+    finally:
+        serve_app.Detector = Detector
