@@ -41,9 +41,14 @@ class NoopDetector(Detector.func_or_class):
         self.reconfigure(None)
 
 
-def build_app(args):
-    serve_app.Detector = Detector.options(func_or_class=NoopDetector)
+def build_app_with(detector_class, args):
+    """serve_app.build_app with `detector_class` as the Detector's class."""
+    serve_app.Detector = Detector.options(func_or_class=detector_class)
     try:
         return serve_app.build_app(args)
     finally:
         serve_app.Detector = Detector
+
+
+def build_app(args):
+    return build_app_with(NoopDetector, args)

@@ -7,9 +7,7 @@ from wall time alone, with no model noise (bench/routing_balance.py).
 import os
 import time
 
-import serve_app
-from bench.noop_app import NoopBatchDetector, NoopDetector
-from deployments.detector import Detector
+from bench.noop_app import NoopBatchDetector, NoopDetector, build_app_with
 
 
 class SleepingBatchDetector(NoopBatchDetector):
@@ -25,8 +23,4 @@ class SleepingDetector(NoopDetector):
 
 
 def build_app(args):
-    serve_app.Detector = Detector.options(func_or_class=SleepingDetector)
-    try:
-        return serve_app.build_app(args)
-    finally:
-        serve_app.Detector = Detector
+    return build_app_with(SleepingDetector, args)
