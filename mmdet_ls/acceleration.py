@@ -11,7 +11,7 @@ Modes (`MODES`):
   and out. On the CPU with inductor, with inductor's freezing: the weights
   become constants, BN folds into the convolutions and their weights are
   prepacked for oneDNN. Without it, a replica on one thread (the shipped CPU
-  layout) spent about a third of a Faster R-CNN image in PyTorch's slow im2col
+  layout) spent much of a Faster R-CNN image in PyTorch's slow im2col
   convolution (`aten::_slow_conv2d_forward`, where one thread and a batch under
   16 send 1x1 convolutions); bench/accel_bench.py's ``compile-unfrozen`` mode
   measures the difference. Freezing costs a longer compilation (AOTAutograd's
